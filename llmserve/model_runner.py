@@ -1,0 +1,133 @@
+"""Turns a scheduled step into one packed forward pass over the paged KV cache.
+
+The runner owns the model weights and the KV pool (one K and one V tensor per layer of shape
+[num_blocks, block_size, Hkv, D]); the block manager, which is pure Python, decides which block
+ids each sequence may use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from llmserve_kernels import gather_slots
+
+from llmserve.attention import AttentionMetadata, PrefillChunk
+from llmserve.models import build_model
+from llmserve.models.llama import LlamaArch
+from llmserve.scheduler import ScheduledSeq
+
+
+@dataclass(slots=True)
+class PromptLogits:
+    logits: torch.Tensor  # [n, V] float32: row i predicts prompt token first_position + i + 1
+    first_position: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampling_seqs: list[ScheduledSeq]  # the seqs that sample this step, in logits row order
+    logits: torch.Tensor | None  # [len(sampling_seqs), V] float32
+    prompt_logits: dict[tuple[str, int], PromptLogits] = field(default_factory=dict)
+
+
+def kv_cache_bytes_per_block(arch: LlamaArch, block_size: int, dtype: torch.dtype) -> int:
+    # K and V, every layer: 2 * L * bs * Hkv * D elements
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        hf_config: object,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        num_blocks: int,
+    ) -> None:
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.model = build_model(hf_config, dtype, device)
+        self.model.load_weights(weights)
+        self.arch = self.model.arch
+        shape = (num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(self.arch.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[ScheduledSeq], block_tables: dict[tuple[str, int], list[int]]) -> StepResult:
+        # Single-token seqs first: they share one batched attention call.
+        ordered = [s for s in seqs if s.num_new_tokens == 1] + [s for s in seqs if s.num_new_tokens > 1]
+        input_ids, positions, meta = self._prepare(ordered, block_tables)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+
+        rows: list[int] = []
+        sampling: list[ScheduledSeq] = []
+        prompt_rows: dict[tuple[str, int], tuple[int, int, int]] = {}  # key -> (row, count, first pos)
+        offset = 0
+        for seq in ordered:
+            if seq.samples:
+                rows.append(offset + seq.num_new_tokens - 1)
+                sampling.append(seq)
+            request = seq.request
+            if request.sampling_params.prompt_logprobs is not None and seq.start < request.num_prompt_tokens - 1:
+                # positions p with p + 1 still inside the prompt predict a prompt token
+                count = min(seq.num_new_tokens, request.num_prompt_tokens - 1 - seq.start)
+                prompt_rows[request.key] = (offset, count, seq.start)
+            offset += seq.num_new_tokens
+
+        logits = None
+        if rows:
+            index = torch.tensor(rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index))  # [N, V]
+        prompt_logits = {
+            key: PromptLogits(self.model.compute_logits(hidden[row : row + count]), first)
+            for key, (row, count, first) in prompt_rows.items()
+        }
+        return StepResult(sampling, logits, prompt_logits)
+
+    def _prepare(
+        self, ordered: list[ScheduledSeq], block_tables: dict[tuple[str, int], list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, device = self.block_size, self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        single_tables: list[list[int]] = []
+        single_lens: list[int] = []
+        chunks: list[PrefillChunk] = []
+        for seq in ordered:
+            request, start, n = seq.request, seq.start, seq.num_new_tokens
+            table = block_tables[request.key]
+            input_ids.extend(request.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                single_tables.append(table)
+                single_lens.append(start + 1)
+            else:
+                ctx = torch.arange(start + n)  # [ctx]
+                slots = torch.tensor(table)[ctx // bs] * bs + ctx % bs
+                chunks.append(PrefillChunk(len(input_ids) - n, n, start, slots.to(device)))
+
+        single_slots = single_context_lens = None
+        if single_tables:
+            width = max(len(t) for t in single_tables)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in single_tables], device=device)  # [B, width]
+            single_context_lens = torch.tensor(single_lens, device=device)
+            single_slots = gather_slots(padded, single_context_lens, bs)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, device=device),
+            num_single=len(single_tables),
+            single_slots=single_slots,
+            single_context_lens=single_context_lens,
+            chunks=chunks,
+        )
+        ids = torch.tensor(input_ids, device=device)
+        pos = torch.tensor(positions, device=device)
+        return ids, pos, meta

@@ -1,0 +1,218 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) over a packed token batch.
+
+No padding and no batch dimension: a step is T tokens from many sequences, each with its own
+position, and attention reads and writes the paged KV cache. Weights come from the Hugging
+Face state dict; q/k/v and gate/up are fused into one matmul each at load time, which halves
+the number of GEMM launches per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.attention import AttentionMetadata, paged_attention
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaArch:
+    """The part of a Hugging Face config this code uses."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
+
+    @classmethod
+    def from_hf(cls, config: object) -> LlamaArch:
+        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+        num_heads = config.num_attention_heads  # type: ignore[attr-defined]
+        hidden = config.hidden_size  # type: ignore[attr-defined]
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,  # type: ignore[attr-defined]
+            hidden_size=hidden,
+            intermediate_size=config.intermediate_size,  # type: ignore[attr-defined]
+            num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or hidden // num_heads,
+            rms_norm_eps=config.rms_norm_eps,  # type: ignore[attr-defined]
+            max_position_embeddings=config.max_position_embeddings,  # type: ignore[attr-defined]
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or bias,
+            o_bias=bias and not is_qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers (normalise in float32, scale in the input dtype), so
+    # greedy outputs match it token for token.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, arch: LlamaArch) -> None:
+        super().__init__()
+        self.arch = arch
+        h, d = arch.hidden_size, arch.head_dim
+        self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.post_attn_norm = nn.Parameter(torch.ones(h))
+        self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, h))
+        self.qkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size)) if arch.qkv_bias else None
+        self.o_weight = nn.Parameter(torch.empty(h, self.q_size))
+        self.o_bias = nn.Parameter(torch.zeros(h)) if arch.o_bias else None
+        self.q_norm = nn.Parameter(torch.ones(d)) if arch.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(d)) if arch.qk_norm else None
+        i = arch.intermediate_size
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * i, h))
+        self.gate_up_bias = nn.Parameter(torch.zeros(2 * i)) if arch.mlp_bias else None
+        self.down_weight = nn.Parameter(torch.empty(h, i))
+        self.down_bias = nn.Parameter(torch.zeros(h)) if arch.mlp_bias else None
+        self.scale = d**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, D]
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        arch, num_tokens = self.arch, x.shape[0]
+        eps = arch.rms_norm_eps
+        h = rms_norm(x, self.input_norm, eps)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, arch.num_heads, arch.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm, eps)
+            k = rms_norm(k, self.k_norm, eps)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        x = x + F.linear(attn.reshape(num_tokens, self.q_size), self.o_weight, self.o_bias)  # [T, hidden]
+        h = rms_norm(x, self.post_attn_norm, eps)
+        gate, up = F.linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # [T, I] each
+        return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: LlamaArch, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed = nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        self.layers = nn.ModuleList(LlamaLayer(arch) for _ in range(arch.num_layers))
+        self.norm = nn.Parameter(torch.ones(arch.hidden_size))
+        self.lm_head = None if arch.tie_word_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed per step from positions, in float32 exactly as transformers does it.
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None, :]  # [T, 1, D]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None, :]
+        return cos, sin
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden], final-normed
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
+        weight = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+    # ---- weights --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a Hugging Face state dict in, fusing q/k/v and gate/up."""
+        pending: dict[str, torch.Tensor] = {}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if self.lm_head is None and name == "lm_head.weight":
+                continue  # tied: the embedding serves as the head
+            pending[name] = tensor
+        direct = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if self.lm_head is not None:
+            direct["lm_head.weight"] = self.lm_head
+        for name, param in direct.items():
+            param.copy_(self._take(pending, name))
+            loaded.add(name)
+        for i, layer in enumerate(self.layers):
+            self._load_layer(layer, f"model.layers.{i}.", pending)
+        if pending:
+            raise ValueError(f"unexpected weights in checkpoint: {sorted(pending)[:8]}")
+
+    @staticmethod
+    def _take(pending: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in pending:
+            raise ValueError(f"checkpoint is missing weight {name!r}")
+        return pending.pop(name)
+
+    def _load_layer(self, layer: LlamaLayer, prefix: str, pending: dict[str, torch.Tensor]) -> None:
+        take = lambda suffix: self._take(pending, prefix + suffix)  # noqa: E731
+        attn, mlp = "self_attn.", "mlp."
+        layer.input_norm.copy_(take("input_layernorm.weight"))
+        layer.post_attn_norm.copy_(take("post_attention_layernorm.weight"))
+        layer.qkv_weight.copy_(torch.cat([take(f"{attn}{p}_proj.weight") for p in "qkv"]))
+        if layer.qkv_bias is not None:
+            layer.qkv_bias.copy_(torch.cat([take(f"{attn}{p}_proj.bias") for p in "qkv"]))
+        layer.o_weight.copy_(take(f"{attn}o_proj.weight"))
+        if layer.o_bias is not None:
+            layer.o_bias.copy_(take(f"{attn}o_proj.bias"))
+        if layer.q_norm is not None and layer.k_norm is not None:
+            layer.q_norm.copy_(take(f"{attn}q_norm.weight"))
+            layer.k_norm.copy_(take(f"{attn}k_norm.weight"))
+        layer.gate_up_weight.copy_(torch.cat([take(f"{mlp}gate_proj.weight"), take(f"{mlp}up_proj.weight")]))
+        if layer.gate_up_bias is not None:
+            layer.gate_up_bias.copy_(torch.cat([take(f"{mlp}gate_proj.bias"), take(f"{mlp}up_proj.bias")]))
+        layer.down_weight.copy_(take(f"{mlp}down_proj.weight"))
+        if layer.down_bias is not None:
+            layer.down_bias.copy_(take(f"{mlp}down_proj.bias"))
