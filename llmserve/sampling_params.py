@@ -73,6 +73,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**63:
+                raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         for token_id in self.stop_token_ids:

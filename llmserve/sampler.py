@@ -1,0 +1,368 @@
+"""Batched token sampling: logits processors, temperature / top-k / top-p / min-p, seeded draws, logprobs.
+
+The engine calls `Sampler.sample` once per step with one row of logits per sequence that is due a
+token. Everything is vectorised across the batch except the random draws of seeded requests, which
+come row by row from each request's own generator so that a seeded request's tokens never depend
+on what else happens to be in the batch.
+
+Order of operations per row (the same as vLLM's):
+    raw logits -> logprobs (reported, "raw": before any processing)
+    raw logits -> min_tokens mask -> logit_bias -> repetition penalty -> presence/frequency penalty
+               -> greedy argmax, or: / temperature -> top_k -> top_p -> min_p -> draw
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from llmserve.outputs import TokenLogprob
+from llmserve.request import Request
+
+# Seeds are unbounded Python ints in SamplingParams; torch only takes 64-bit ones.
+_SEED_MODULUS = 2**64
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]  # None where the request did not ask for logprobs
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.seed = seed
+        # Generators are device-bound, and the device is only known once logits arrive.
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+        self._request_generators: dict[tuple[str, int], torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: [B, V'] (V' >= vocab_size), one row per request in `requests`, same order."""
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"expected logits of shape [{len(requests)}, V], got {tuple(logits.shape)}")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size {self.vocab_size}")
+        # Columns past vocab_size are lm_head padding, not tokens: they must never be sampled.
+        logits = logits[:, : self.vocab_size].float()  # [B, V]
+
+        processed = apply_logits_processors(logits, requests)  # [B, V]; `logits` stays raw
+        token_ids = self._choose(processed, requests)  # [B]
+        logprobs = _sampled_logprobs(logits, token_ids, requests)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def free(self, key: tuple[str, int]) -> None:
+        """Forget per-request state once a request finishes (safe for keys never seen)."""
+        self._request_generators.pop(key, None)
+
+    @staticmethod
+    def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[TokenLogprob]:
+        """logits: [N, V] for N prompt positions; target_ids[i] is the prompt token that follows position i."""
+        if logits.dim() != 2 or logits.shape[0] != len(target_ids):
+            raise ValueError(f"expected logits of shape [{len(target_ids)}, V], got {tuple(logits.shape)}")
+        if not target_ids:
+            return []
+        logprobs = logits.float().log_softmax(dim=-1)  # [N, V]
+        targets = torch.tensor(target_ids, dtype=torch.long, device=logits.device)  # [N]
+        return _token_logprobs(logprobs, targets, [k] * len(target_ids))
+
+    # ---- choosing the token ------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token id per row of the processed logits [B, V] -> [B] long."""
+        greedy = [r.sampling_params.greedy for r in requests]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
+        greedy_rows = [i for i, g in enumerate(greedy) if g]
+        if greedy_rows:
+            rows = torch.tensor(greedy_rows, device=logits.device)
+            token_ids[rows] = logits[rows].argmax(dim=-1)
+        random_rows = [i for i, g in enumerate(greedy) if not g]
+        random_requests = [requests[i] for i in random_rows]
+        rows = torch.tensor(random_rows, device=logits.device)
+        random_logits = _apply_temperature(logits[rows], random_requests)  # [R, V], a copy
+        random_logits = _apply_top_k_top_p_min_p(random_logits, random_requests)
+        token_ids[rows] = self._draw(random_logits.softmax(dim=-1), random_requests)
+        return token_ids
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Sample one token per row of probs [R, V] -> [R].
+
+        Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i.
+        Unlike torch.multinomial it lets each row take its noise from a different generator, so a
+        seeded row consumes exactly V draws from its own stream per step whatever its neighbours do.
+        """
+        noise = torch.empty_like(probs)  # [R, V]
+        unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
+        shared = self._shared_generator(probs.device)
+        if len(unseeded) == len(requests):
+            noise.exponential_(generator=shared)
+        else:
+            if unseeded:
+                rows = torch.tensor(unseeded, device=probs.device)
+                noise[rows] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                    generator=shared
+                )  # [U, V]
+            for i, request in enumerate(requests):
+                if request.sampling_params.seed is not None:
+                    noise[i].exponential_(generator=self._request_generator(request, probs.device))  # [V]
+        # E can be exactly 0; clamping keeps p / E finite, and zero-probability tokens still score 0.
+        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared_generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed % _SEED_MODULUS)
+            self._shared_generators[device] = generator
+        return generator
+
+    def _request_generator(self, request: Request, device: torch.device) -> torch.Generator:
+        generator = self._request_generators.get(request.key)
+        if generator is None:
+            seed = request.sampling_params.seed
+            assert seed is not None
+            generator = torch.Generator(device=device)
+            # + index: the n choices of one request must not all draw the same tokens.
+            generator.manual_seed((seed + request.index) % _SEED_MODULUS)
+            self._request_generators[request.key] = generator
+        return generator
+
+
+# ---- logits processors (everything that also applies to greedy) ------------------------------
+
+
+def apply_logits_processors(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """min_tokens, logit_bias, repetition penalty, presence/frequency penalty on logits [B, V].
+
+    Never modifies `logits`; returns it unchanged (the same object) when no request needs any of it.
+    """
+    needs_min_tokens = any(_blocked_tokens(r, logits.shape[1]) for r in requests)
+    needs_bias = any(r.sampling_params.logit_bias for r in requests)
+    needs_repetition = any(r.sampling_params.repetition_penalty != 1.0 for r in requests)
+    needs_presence_frequency = any(
+        r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0 for r in requests
+    )
+    if not (needs_min_tokens or needs_bias or needs_repetition or needs_presence_frequency):
+        return logits
+    logits = logits.clone()  # [B, V]; the processors below work in place on this copy
+    if needs_min_tokens:
+        _apply_min_tokens(logits, requests)
+    if needs_bias:
+        _apply_logit_bias(logits, requests)
+    if needs_repetition:
+        _apply_repetition_penalty(logits, requests)
+    if needs_presence_frequency:
+        _apply_presence_frequency_penalty(logits, requests)
+    return logits
+
+
+def _blocked_tokens(request: Request, vocab_size: int) -> list[int]:
+    """Tokens that would end the sequence before it reached min_tokens."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        return []
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids |= request.eos_token_ids
+    # An id the model cannot emit needs no blocking (and would be out of range for indexing).
+    return sorted(t for t in ids if t < vocab_size)
+
+
+def _apply_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, request in enumerate(requests):
+        blocked = _blocked_tokens(request, logits.shape[1])
+        row_ids += [i] * len(blocked)
+        token_ids += blocked
+    rows, tokens = _index_tensors(row_ids, token_ids, logits.device)
+    logits[rows, tokens] = float("-inf")
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    biases: list[float] = []
+    for i, request in enumerate(requests):
+        bias = request.sampling_params.logit_bias
+        row_ids += [i] * len(bias)
+        token_ids += bias.keys()
+        biases += bias.values()
+    rows, tokens = _index_tensors(row_ids, token_ids, logits.device)
+    # Keys of one dict are distinct, so no (row, token) pair repeats and += is a plain add.
+    logits[rows, tokens] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """HF/CTRL: every token seen in prompt or output moves towards "less likely" by a factor p."""
+    penalised = [i for i, r in enumerate(requests) if r.sampling_params.repetition_penalty != 1.0]
+    device = logits.device
+    occurred = torch.zeros(len(penalised), logits.shape[1], dtype=torch.bool, device=device)  # [P, V]
+    # Reads prompt and output separately: a Request built with output_token_ids=... (as tests and
+    # restored requests do) does not have them in all_token_ids.
+    seen = [chain(requests[i].prompt_token_ids, requests[i].output_token_ids) for i in penalised]
+    row_ids, token_ids = _flatten(seen)
+    occurred[_index_tensors(row_ids, token_ids, device)] = True
+    penalty = torch.tensor(
+        [requests[i].sampling_params.repetition_penalty for i in penalised], dtype=logits.dtype, device=device
+    ).unsqueeze(1)  # [P, 1]
+    rows = torch.tensor(penalised, device=device)
+    sub = logits[rows]  # [P, V]
+    # Dividing a negative logit would make it *more* likely; hence the sign split.
+    moved = torch.where(sub > 0, sub / penalty, sub * penalty)
+    logits[rows] = torch.where(occurred, moved, sub)
+
+
+def _apply_presence_frequency_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """OpenAI: logit -= presence * (count > 0) + frequency * count, counting output tokens only."""
+    penalised = [
+        i
+        for i, r in enumerate(requests)
+        if r.sampling_params.presence_penalty != 0.0 or r.sampling_params.frequency_penalty != 0.0
+    ]
+    device = logits.device
+    row_ids, token_ids = _flatten([requests[i].output_token_ids for i in penalised])
+    counts = torch.zeros(len(penalised), logits.shape[1], dtype=logits.dtype, device=device)  # [P, V]
+    counts.index_put_(
+        _index_tensors(row_ids, token_ids, device),
+        torch.ones(len(token_ids), dtype=logits.dtype, device=device),
+        accumulate=True,
+    )
+    presence = torch.tensor(
+        [requests[i].sampling_params.presence_penalty for i in penalised], dtype=logits.dtype, device=device
+    ).unsqueeze(1)  # [P, 1]
+    frequency = torch.tensor(
+        [requests[i].sampling_params.frequency_penalty for i in penalised], dtype=logits.dtype, device=device
+    ).unsqueeze(1)  # [P, 1]
+    rows = torch.tensor(penalised, device=device)
+    logits[rows] -= presence * (counts > 0) + frequency * counts
+
+
+def _flatten(token_lists: Sequence[Sequence[int] | chain[int]]) -> tuple[list[int], list[int]]:
+    """[[a, b], [c]] -> rows [0, 0, 1], tokens [a, b, c]: coordinates for one indexed write."""
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, tokens in enumerate(token_lists):
+        before = len(token_ids)
+        token_ids.extend(tokens)
+        row_ids += [i] * (len(token_ids) - before)
+    return row_ids, token_ids
+
+
+def _index_tensors(
+    row_ids: list[int], token_ids: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor(row_ids, dtype=torch.long, device=device),
+        torch.tensor(token_ids, dtype=torch.long, device=device),
+    )
+
+
+# ---- sampling-only transforms (skipped for greedy rows) --------------------------------------
+
+
+def _apply_temperature(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    temperatures = [r.sampling_params.temperature for r in requests]
+    if all(t == 1.0 for t in temperatures):
+        return logits
+    return logits / torch.tensor(temperatures, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [R, 1]
+
+
+def _apply_top_k_top_p_min_p(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Mask (to -inf) what top_k, then top_p, then min_p exclude from logits [R, V]."""
+    vocab_size = logits.shape[1]
+    # 0 means "off", which is the same as keeping all V tokens.
+    top_k = [min(r.sampling_params.top_k, vocab_size) or vocab_size for r in requests]
+    top_p = [r.sampling_params.top_p for r in requests]
+    min_p = [r.sampling_params.min_p for r in requests]
+    if any(p < 1.0 for p in top_p):
+        logits = _apply_top_k_top_p_sorted(logits, top_k, top_p)
+    elif any(k < vocab_size for k in top_k):
+        logits = _apply_top_k(logits, top_k)
+    if any(p > 0.0 for p in min_p):
+        logits = _apply_min_p(logits, min_p)
+    return logits
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """top_k alone needs only the k largest per row: far cheaper than the full sort top_p needs."""
+    vocab_size = logits.shape[1]
+    max_k = max(k for k in top_k if k < vocab_size)
+    k = torch.tensor([min(k, max_k) for k in top_k], dtype=torch.long, device=logits.device).unsqueeze(1)  # [R, 1]
+    kth_largest = logits.topk(max_k, dim=-1).values.gather(1, k - 1)  # [R, 1]
+    is_off = torch.tensor([k == vocab_size for k in top_k], device=logits.device).unsqueeze(1)  # [R, 1]
+    kth_largest = kth_largest.masked_fill(is_off, float("-inf"))
+    # "<" rather than a positional cut keeps ties with the kth value, independent of sort order.
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def _apply_top_k_top_p_sorted(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V] each
+    # With k == V for rows where top_k is off, the kth value is the row minimum: nothing is masked.
+    k = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(1)  # [R, 1]
+    kth_largest = sorted_logits.gather(1, k - 1)  # [R, 1]
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    p = torch.tensor(top_p, dtype=logits.dtype, device=device).unsqueeze(1)  # [R, 1]
+    probs = sorted_logits.softmax(dim=-1)  # [R, V], renormalised after top_k like HF's warpers
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]: mass of the strictly more likely tokens
+    # A token is in the nucleus iff the tokens above it do not yet reach top_p; the top token has
+    # mass_before 0 < top_p so it always stays. top_p == 1 is exempt because rounding in the cumsum
+    # can reach 1.0 before the tail and would drop tiny-but-valid tokens.
+    drop = (mass_before >= p) & (p < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)  # [R, V], back in token order
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)  # [R, V]
+    scale = torch.tensor(min_p, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [R, 1]
+    threshold = scale * probs.amax(dim=-1, keepdim=True)  # [R, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+# ---- logprobs --------------------------------------------------------------------------------
+
+
+def _sampled_logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request]
+) -> list[TokenLogprob | None]:
+    asking = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(requests)
+    if not asking:
+        return result
+    rows = torch.tensor(asking, device=raw_logits.device)
+    logprobs = raw_logits[rows].log_softmax(dim=-1)  # [A, V]
+    ks = [requests[i].sampling_params.logprobs or 0 for i in asking]
+    for i, entry in zip(asking, _token_logprobs(logprobs, token_ids[rows], ks), strict=True):
+        result[i] = entry
+    return result
+
+
+def _token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """For each row of logprobs [N, V]: the target's logprob and rank, and the top ks[row] alternatives."""
+    chosen = logprobs.gather(1, targets.unsqueeze(1))  # [N, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # [N]
+    max_k = min(max(ks), logprobs.shape[1])
+    if max_k > 0:
+        top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [N, max_k] each, most likely first
+        top_value_rows, top_id_rows = top_values.tolist(), top_ids.tolist()
+    else:
+        top_value_rows = top_id_rows = [[] for _ in ks]
+    return [
+        TokenLogprob(
+            token_id=token_id,
+            logprob=logprob,
+            rank=rank,
+            top=tuple(zip(ids[:k], values[:k], strict=True)),
+        )
+        for token_id, logprob, rank, ids, values, k in zip(
+            targets.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), top_id_rows, top_value_rows, ks,
+            strict=True,
+        )
+    ]
