@@ -6,10 +6,19 @@ package would shadow the PyPI package of that name).
 from __future__ import annotations
 
 from llmserve_kernels.paged_attention_ref import (
-    gather_slots,
+    decode_mask,
+    gather_context,
+    gather_index,
     paged_attention_decode,
     paged_attention_prefill,
     write_kv_cache,
 )
 
-__all__ = ["gather_slots", "paged_attention_decode", "paged_attention_prefill", "write_kv_cache"]
+__all__ = [
+    "decode_mask",
+    "gather_context",
+    "gather_index",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "write_kv_cache",
+]

@@ -19,15 +19,15 @@ class PrefillChunk:
     token_start: int  # first row of this chunk in the packed batch
     num_tokens: int
     start: int  # position of its first token in the sequence (= tokens already cached)
-    slots: torch.Tensor  # [start + num_tokens] slots of the whole context
+    index: torch.Tensor  # [1, Hkv, nblk] cache rows of the whole context (gather_index)
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     num_single: int  # rows [0, num_single) are one-token sequences
-    single_slots: torch.Tensor | None  # [num_single, Lmax] context slots, padded
-    single_context_lens: torch.Tensor | None  # [num_single]
+    single_index: torch.Tensor | None  # [num_single, Hkv, nblk] cache rows (gather_index), padded
+    single_mask: torch.Tensor | None  # [num_single, 1, 1, nblk * block_size] additive, -inf on padding
     chunks: list[PrefillChunk]
 
 
@@ -43,15 +43,15 @@ def paged_attention(
     # Write first, then read: every query reads its own new keys back from the cache.
     write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     if not meta.chunks:
-        assert meta.single_slots is not None and meta.single_context_lens is not None
-        return paged_attention_decode(q, k_cache, v_cache, meta.single_slots, meta.single_context_lens, scale)
+        assert meta.single_index is not None and meta.single_mask is not None
+        return paged_attention_decode(q, k_cache, v_cache, meta.single_index, meta.single_mask, scale)
     out = torch.empty_like(q)
     if meta.num_single:
-        assert meta.single_slots is not None and meta.single_context_lens is not None
+        assert meta.single_index is not None and meta.single_mask is not None
         out[: meta.num_single] = paged_attention_decode(
-            q[: meta.num_single], k_cache, v_cache, meta.single_slots, meta.single_context_lens, scale
+            q[: meta.num_single], k_cache, v_cache, meta.single_index, meta.single_mask, scale
         )
     for chunk in meta.chunks:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = paged_attention_prefill(q[rows], k_cache, v_cache, chunk.slots, chunk.start, scale)
+        out[rows] = paged_attention_prefill(q[rows], k_cache, v_cache, chunk.index, chunk.start, scale)
     return out

@@ -72,8 +72,8 @@ class BlockManager:
 
         At most num_tokens - 1 tokens can hit: the last token must run through the model to
         produce the logits for the next one."""
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position to run through the model
         keys = self._block_keys(request, (request.num_tokens - 1) // self.block_size)
         hit: list[int] = []
         for key in keys:

@@ -1,7 +1,7 @@
 """Turns a scheduled step into one packed forward pass over the paged KV cache.
 
 The runner owns the model weights and the KV pool (one K and one V tensor per layer of shape
-[num_blocks, block_size, Hkv, D]); the block manager, which is pure Python, decides which block
+[num_blocks, Hkv, block_size, D]); the block manager, which is pure Python, decides which block
 ids each sequence may use.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from llmserve_kernels import gather_slots
+from llmserve_kernels import decode_mask, gather_index
 
 from llmserve.attention import AttentionMetadata, PrefillChunk
 from llmserve.models import build_model
@@ -53,7 +53,7 @@ class ModelRunner:
         self.model = build_model(hf_config, dtype, device)
         self.model.load_weights(weights)
         self.arch = self.model.arch
-        shape = (num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        shape = (num_blocks, self.arch.num_kv_heads, block_size, self.arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(self.arch.num_layers)
@@ -100,6 +100,7 @@ class ModelRunner:
         slot_mapping: list[int] = []
         single_tables: list[list[int]] = []
         single_lens: list[int] = []
+        num_kv_heads = self.arch.num_kv_heads
         chunks: list[PrefillChunk] = []
         for seq in ordered:
             request, start, n = seq.request, seq.start, seq.num_new_tokens
@@ -111,21 +112,23 @@ class ModelRunner:
                 single_tables.append(table)
                 single_lens.append(start + 1)
             else:
-                ctx = torch.arange(start + n)  # [ctx]
-                slots = torch.tensor(table)[ctx // bs] * bs + ctx % bs
-                chunks.append(PrefillChunk(len(input_ids) - n, n, start, slots.to(device)))
+                num_blocks = -(-(start + n) // bs)
+                blocks = torch.tensor([table[:num_blocks]], device=device)  # [1, nblk]
+                chunks.append(PrefillChunk(len(input_ids) - n, n, start, gather_index(blocks, num_kv_heads)))
 
-        single_slots = single_context_lens = None
+        single_index = single_mask = None
         if single_tables:
-            width = max(len(t) for t in single_tables)
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in single_tables], device=device)  # [B, width]
-            single_context_lens = torch.tensor(single_lens, device=device)
-            single_slots = gather_slots(padded, single_context_lens, bs)
+            # Tables are padded with block 0 up to the longest context; the mask hides it.
+            width = max(-(-length // bs) for length in single_lens)
+            padded = torch.tensor([t[:width] + [0] * (width - len(t)) for t in single_tables], device=device)
+            single_index = gather_index(padded, num_kv_heads)  # [B, Hkv, width]
+            lens = torch.tensor(single_lens, device=device)
+            single_mask = decode_mask(lens, width * bs, torch.float32)  # [B, 1, 1, width * bs]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=device),
             num_single=len(single_tables),
-            single_slots=single_slots,
-            single_context_lens=single_context_lens,
+            single_index=single_index,
+            single_mask=single_mask,
             chunks=chunks,
         )
         ids = torch.tensor(input_ids, device=device)

@@ -1,0 +1,41 @@
+"""Shared fixtures. The live server is session-scoped: one process, one model load, for every
+server test that uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_helpers import API_KEY, ServerProcess
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`llmserve serve` on the built-in model, on a 127.0.0.1 port it picks itself, with an API key."""
+    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    proc = ServerProcess(log)
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        code = proc.terminate()
+        assert code == 0, f"server exited with {code}:\n{proc.log()}"
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
