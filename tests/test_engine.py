@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import make_tiny_llama
 
 from llmserve import LLM, SamplingParams
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
-from tiny_model import make_tiny_llama
 
 
 @pytest.fixture(scope="module")
