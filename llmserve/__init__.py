@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting make every small torch op tens of times slower as soon
+# as another thread wants a core (the HTTP loop, a tokenizer thread, a second process): measured
+# here, an RMSNorm of [512, 576] went from 0.9 ms to 25 ms on a busy 2-core machine. Passive
+# waiting costs little when the cores are free. Only effective before torch is imported; an
+# explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from typing import TYPE_CHECKING
 
 from llmserve.outputs import CompletionOutput, GenerationResult, RequestOutput, TokenLogprob

@@ -1,8 +1,8 @@
 """Attention over the paged KV cache for one packed batch.
 
 The runner lays a step out as [single-query seqs | multi-query seqs]: every sequence fed one
-token (decodes, and one-token prefill chunks) comes first and is attended to in one batched
-call; each longer prefill chunk gets its own call. The metadata is built once per step and
+token (decodes, and one-token prefill chunks) comes first, sorted by context length and cut into
+a few groups, each attended to in one batched call; each longer prefill chunk gets its own call. The metadata is built once per step and
 shared by all layers.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from llmserve_kernels import paged_attention_decode, paged_attention_prefill, write_kv_cache
 
 
@@ -23,12 +24,20 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """One-token sequences of similar context length, attended to in one batched call."""
+
+    row_start: int
+    num_rows: int
+    index: torch.Tensor  # [num_rows, Hkv, nblk] cache rows (gather_index), padded to the longest
+    mask: torch.Tensor  # [num_rows, 1, 1, nblk * block_size] additive, -inf on the padding
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    num_single: int  # rows [0, num_single) are one-token sequences
-    single_index: torch.Tensor | None  # [num_single, Hkv, nblk] cache rows (gather_index), padded
-    single_mask: torch.Tensor | None  # [num_single, 1, 1, nblk * block_size] additive, -inf on padding
-    chunks: list[PrefillChunk]
+    decode_groups: list[DecodeGroup]  # cover rows [0, num_single)
+    chunks: list[PrefillChunk]  # the rows after
 
 
 def paged_attention(
@@ -42,15 +51,13 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H, D]
     # Write first, then read: every query reads its own new keys back from the cache.
     write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    if not meta.chunks:
-        assert meta.single_index is not None and meta.single_mask is not None
-        return paged_attention_decode(q, k_cache, v_cache, meta.single_index, meta.single_mask, scale)
+    if not meta.chunks and len(meta.decode_groups) == 1:
+        group = meta.decode_groups[0]
+        return paged_attention_decode(q, k_cache, v_cache, group.index, group.mask, scale)
     out = torch.empty_like(q)
-    if meta.num_single:
-        assert meta.single_index is not None and meta.single_mask is not None
-        out[: meta.num_single] = paged_attention_decode(
-            q[: meta.num_single], k_cache, v_cache, meta.single_index, meta.single_mask, scale
-        )
+    for group in meta.decode_groups:
+        rows = slice(group.row_start, group.row_start + group.num_rows)
+        out[rows] = paged_attention_decode(q[rows], k_cache, v_cache, group.index, group.mask, scale)
     for chunk in meta.chunks:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = paged_attention_prefill(q[rows], k_cache, v_cache, chunk.index, chunk.start, scale)
