@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -29,14 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 # Runnable from a checkout without installing: put the repo root on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Importing llmserve before torch sets its process-wide OpenMP default (passive waiting, unless
+# OMP_WAIT_POLICY is already set). Both engines share this process, so transformers runs under the
+# same setting: the comparison is of the engines, not of OpenMP configurations.
+importlib.import_module("llmserve")
+
+import torch  # noqa: E402
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Picked by trying 8, 16, 32 and 64 once on this 2-core CPU (see benchmarks/README.md).
-DEFAULT_HF_BATCH_SIZE = 16
+# The fastest of 8, 16, 32 and 64 for transformers on the default workload (benchmarks/README.md).
+DEFAULT_HF_BATCH_SIZE = 32
 
 
 # ---- workload --------------------------------------------------------------------------------
@@ -297,30 +303,43 @@ def probe_machine(dtype: str) -> dict[str, float]:
 # ---- reporting -------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
+def cpu_model() -> str:
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import transformers
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def git_commit() -> str:
+    """HEAD, marked when the engine's sources differ from it: then HEAD alone does not say what ran."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], capture_output=True, text=True, check=True, cwd=root
+        ).stdout.strip()
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()  # fmt: skip
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "llmserve", "kernels")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return "unknown"
+    return f"{commit} + uncommitted changes to llmserve/ or kernels/" if dirty else commit
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

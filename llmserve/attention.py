@@ -8,6 +8,7 @@ shared by all layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,26 @@ class DecodeGroup:
     mask: torch.Tensor  # [num_rows, 1, 1, nblk * block_size] additive, -inf on the padding
 
 
+# (q [B, H, D], k_cache, v_cache, block_tables [B, nblk] int64, context_lens [B] int64, scale) -> [B, H, D]
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """All one-token sequences, for a kernel that reads the paged cache itself (no padding)."""
+
+    kernel: DecodeKernel
+    num_rows: int
+    block_tables: torch.Tensor  # [num_rows, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [num_rows] int64
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    decode_groups: list[DecodeGroup]  # cover rows [0, num_single)
+    decode_groups: list[DecodeGroup]  # cover rows [0, num_single) on the torch path
     chunks: list[PrefillChunk]  # the rows after
+    decode_batch: DecodeBatch | None = None  # replaces decode_groups when a kernel is in use
 
 
 def paged_attention(
@@ -51,13 +67,20 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H, D]
     # Write first, then read: every query reads its own new keys back from the cache.
     write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    if not meta.chunks and len(meta.decode_groups) == 1:
-        group = meta.decode_groups[0]
-        return paged_attention_decode(q, k_cache, v_cache, group.index, group.mask, scale)
+    batch, groups = meta.decode_batch, meta.decode_groups
+    if not meta.chunks:  # pure decode step: no copy into a shared output
+        if batch is not None:
+            return batch.kernel(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+        if len(groups) == 1:
+            return paged_attention_decode(q, k_cache, v_cache, groups[0].index, groups[0].mask, scale)
     out = torch.empty_like(q)
-    for group in meta.decode_groups:
-        rows = slice(group.row_start, group.row_start + group.num_rows)
-        out[rows] = paged_attention_decode(q[rows], k_cache, v_cache, group.index, group.mask, scale)
+    if batch is not None:
+        rows = slice(0, batch.num_rows)
+        out[rows] = batch.kernel(q[rows], k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    else:
+        for group in groups:
+            rows = slice(group.row_start, group.row_start + group.num_rows)
+            out[rows] = paged_attention_decode(q[rows], k_cache, v_cache, group.index, group.mask, scale)
     for chunk in meta.chunks:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = paged_attention_prefill(q[rows], k_cache, v_cache, chunk.index, chunk.start, scale)

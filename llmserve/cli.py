@@ -22,7 +22,8 @@ _FLAG_HELP = {
     "model.device": "auto (cuda when available), cpu or cuda",
     "model.max_model_len": "context window in tokens (prompt + completion); None: the model's own",
     "model.seed": "seed for requests that give none, so a server run is reproducible end to end",
-    "model.attention_backend": "auto (triton on CUDA, torch elsewhere), torch or triton",
+    "model.attention_backend": "auto (on CPU the C++ decode kernel, compiled on first use, else torch), "
+    "torch (the reference), cpp, or triton (not implemented yet)",
     "model.num_threads": "torch intra-op threads; None: torch's choice",
     "cache.block_size": "tokens per KV cache block (a power of two)",
     "cache.kv_cache_memory_gb": "memory budget of the KV cache pool, in GB",

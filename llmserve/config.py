@@ -15,7 +15,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # seeds unseeded sampling, so a server run is reproducible end to end
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    attention_backend: str = "auto"  # auto: the C++ decode kernel on CPU if it builds, else torch
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:

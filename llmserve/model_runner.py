@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmserve.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from llmserve.attention import AttentionMetadata, DecodeBatch, DecodeGroup, DecodeKernel, PrefillChunk
 from llmserve.models import build_model
 from llmserve.models.llama import LlamaArch
 from llmserve.scheduler import ScheduledSeq
@@ -52,11 +52,13 @@ class ModelRunner:
         device: torch.device,
         block_size: int,
         num_blocks: int,
+        attention_backend: str = "auto",
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model = build_model(hf_config, dtype, device)
         self.model.load_weights(weights)
         self.arch = self.model.arch
+        self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         shape = (num_blocks, self.arch.num_kv_heads, block_size, self.arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -121,12 +123,21 @@ class ModelRunner:
                 chunks.append(PrefillChunk(len(input_ids) - n, n, start, gather_index(blocks, self.arch.num_kv_heads)))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=device),
-            decode_groups=self._decode_groups(single_tables, single_lens),
+            decode_groups=[] if self.decode_kernel else self._decode_groups(single_tables, single_lens),
             chunks=chunks,
+            decode_batch=self._decode_batch(single_tables, single_lens),
         )
         ids = torch.tensor(input_ids, device=device)
         pos = torch.tensor(positions, device=device)
         return ids, pos, meta
+
+    def _decode_batch(self, tables: list[list[int]], lens: list[int]) -> DecodeBatch | None:
+        if self.decode_kernel is None or not tables:
+            return None
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=self.device)
+        context_lens = torch.tensor(lens, dtype=torch.int64, device=self.device)
+        return DecodeBatch(self.decode_kernel, len(tables), padded, context_lens)
 
     def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
         """Cut the one-token seqs (sorted by context length) into up to DECODE_GROUPS groups.
@@ -150,3 +161,22 @@ class ModelRunner:
                 mask=decode_mask(context_lens, width * bs, torch.float32),  # [rows, 1, 1, width * bs]
             ))  # fmt: skip
         return groups
+
+
+def _decode_kernel(backend: str, device: torch.device, head_dim: int) -> DecodeKernel | None:
+    """The decode-attention kernel for this backend, or None for the torch reference."""
+    from llmserve_kernels import cpu_ops
+
+    if backend == "triton":
+        raise ValueError("attention_backend 'triton' is not implemented yet; use auto, torch or cpp")
+    if backend == "torch" or (backend == "auto" and (device.type != "cpu" or head_dim not in cpu_ops.HEAD_DIMS)):
+        return None
+    if device.type != "cpu":
+        raise ValueError(f"attention_backend 'cpp' runs on the CPU only, not on {device}")
+    if head_dim not in cpu_ops.HEAD_DIMS:
+        raise ValueError(f"attention_backend 'cpp' has no build for head_dim {head_dim}; it has {cpu_ops.HEAD_DIMS}")
+
+    module = cpu_ops.load()
+    if module is None and backend == "cpp":
+        raise ValueError("attention_backend 'cpp' asked for, but the C++ kernel could not be built (see the log)")
+    return None if module is None else module.paged_attention_decode

@@ -58,15 +58,16 @@ def assert_matches(results: list, prompts: list[str], reference: dict[str, list[
         assert result.token_ids == reference[prompt], f"diverged on {prompt[:40]!r}"
 
 
-def test_one_batch_of_mixed_lengths_matches_transformers(reference: dict, greedy: SamplingParams) -> None:
-    llm = LLM(dtype="float32")
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_one_batch_of_mixed_lengths_matches_transformers(reference: dict, greedy: SamplingParams, backend: str) -> None:
+    llm = LLM(dtype="float32", attention_backend=backend)
     assert_matches(llm.generate(PROMPTS, greedy), PROMPTS, reference)
 
 
 def test_chunked_prefill_matches_transformers(reference: dict, greedy: SamplingParams) -> None:
     # 8-token budget with 6 sequences: the long prompts are prefilled 2-8 tokens at a time
     # while the others decode.
-    llm = LLM(dtype="float32", max_num_batched_tokens=8, max_num_seqs=6)
+    llm = LLM(dtype="float32", max_num_batched_tokens=8, max_num_seqs=6, attention_backend="torch")
     assert_matches(llm.generate(PROMPTS, greedy), PROMPTS, reference)
 
 

@@ -29,11 +29,13 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server: ServerProcess, http: 
     with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, **LONG)) as resp:
         assert resp.status_code == 200
         events = []
-        for line in resp.iter_lines():
+        # Hold the iterator: a `for ... break` would let it be collected at once, which closes the
+        # response, i.e. disconnects before we look at the metrics.
+        lines = resp.iter_lines()
+        while len(events) < 4:
+            line = next(lines)
             if line.startswith("data:"):
                 events.append(json.loads(line[5:]))
-            if len(events) == 4:
-                break
         during = server.metrics()
         assert during[IDLE] == 1 and during[KV] > before[KV], (events, during, before)
     request_id = events[0]["id"]
