@@ -346,8 +346,9 @@ def machine_info() -> dict[str, Any]:
 
 def print_table(results: list[Result]) -> None:
     base = next((r for r in results if r.engine == "transformers"), None)
-    # "cpu use" is CPU time over wall time x threads: well under 100% means other processes took
-    # cores from this run, and its figures understate what the machine can do.
+    # "cpu use" is this process's CPU time over wall time x threads. Under 100% means cores sat idle
+    # for it: single-threaded stretches (Python, with OpenMP waiting passively), or other processes
+    # holding the cores. With one thread it reads ~100% unless another process took the core.
     threads = torch.get_num_threads()
     print(f"  {'engine':<13}{'wall s':>9}{'cpu use':>9}{'req/s':>8}{'out tok/s':>11}{'total tok/s':>13}"
           f"{'vs transformers':>17}")  # fmt: skip
@@ -369,15 +370,26 @@ def print_roofline(
     if probe:
         print(f"  machine (probed): {probe['read_gb_per_s']:.1f} GB/s streaming read, "
               f"{probe['matmul_gflop_per_s']:.0f} GFLOP/s {dtype} 2048^3 matmul")  # fmt: skip
+    flops = size.flops(results[0].input_tokens, results[0].output_tokens) if results else 0.0
+    print(f"  useful work: {flops / 1e12:.2f} TFLOP (2 x {(size.params - size.embed_params) / 1e6:.0f}M body "
+          f"params x all tokens + 2 x {size.embed_params / 1e6:.0f}M lm_head params x output tokens)")  # fmt: skip
     for r in results:
         gbs = r.forward_passes * wbytes / r.wall_s / 1e9
-        gflops = size.flops(r.input_tokens, r.output_tokens) / r.wall_s / 1e9
+        gflops = flops / r.wall_s / 1e9
         line = (f"    {r.engine:<13}{r.forward_passes:>6} forwards -> {gbs:6.1f} GB/s of weights, "
                 f"{gflops:6.1f} GFLOP/s useful")  # fmt: skip
         if probe:
             line += (f"  ({100 * gbs / probe['read_gb_per_s']:.0f}% / "
                      f"{100 * gflops / probe['matmul_gflop_per_s']:.0f}% of probed)")  # fmt: skip
         print(line)
+    if probe:
+        # A loose floor: the useful FLOPs at the probed matmul rate, or the weight reads of the
+        # fewest forwards any engine here needed at the probed bandwidth, whichever is longer.
+        passes = min(r.forward_passes for r in results)
+        floor = max(
+            flops / (probe["matmul_gflop_per_s"] * 1e9), passes * wbytes / (probe["read_gb_per_s"] * 1e9)
+        )
+        print(f"  floor at the probed limits: {floor:.1f} s for this workload")
 
 
 def agreement(a: list[list[int]], b: list[list[int]], prefix: int = 16) -> int:

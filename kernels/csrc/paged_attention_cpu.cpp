@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -43,16 +44,21 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       for (int64_t i = 0; i < group * D; ++i) qf[i] = to_f32(q_rows[i]) * scale;
       scores.resize(group * len);
       // pass 1: scores[j][t] = q_j . k_t, each K row read once for all g query heads
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = k_cache + ((table[t / block_size] * num_kv_heads + kvh) * block_size + t % block_size) * D;
+      // Walk block by block: no integer division per token, and each block is one contiguous run.
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* k_block = k_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* k = k_block + i * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) row[d] = to_f32(k[d]);
-        for (int64_t j = 0; j < group; ++j) {
-          const float* qj = qf.data() + j * D;
-          float s = 0.f;
+          for (int d = 0; d < D; ++d) row[d] = to_f32(k[d]);
+          for (int64_t j = 0; j < group; ++j) {
+            const float* qj = qf.data() + j * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int d = 0; d < D; ++d) s += qj[d] * row[d];
-          scores[j * len + t] = s;
+            for (int d = 0; d < D; ++d) s += qj[d] * row[d];
+            scores[j * len + t0 + i] = s;
+          }
         }
       }
       // pass 2: softmax per query head
@@ -74,15 +80,19 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       }
       // pass 3: out_j = sum_t p[j][t] * v_t, each V row read once
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = v_cache + ((table[t / block_size] * num_kv_heads + kvh) * block_size + t % block_size) * D;
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const T* v_block = v_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* v = v_block + i * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) row[d] = to_f32(v[d]);
-        for (int64_t j = 0; j < group; ++j) {
-          const float p = scores[j * len + t];
-          float* aj = acc.data() + j * D;
+          for (int d = 0; d < D; ++d) row[d] = to_f32(v[d]);
+          for (int64_t j = 0; j < group; ++j) {
+            const float p = scores[j * len + t0 + i];
+            float* aj = acc.data() + j * D;
 #pragma omp simd
-          for (int d = 0; d < D; ++d) aj[d] += p * row[d];
+            for (int d = 0; d < D; ++d) aj[d] += p * row[d];
+          }
         }
       }
       T* out_rows = out + (b * num_heads + kvh * group) * D;
