@@ -12,6 +12,7 @@
 // its g = H / Hkv query heads share every K/V row they read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <cmath>
 #include <algorithm>
 #include <cstring>
@@ -33,10 +34,14 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
                           const int64_t* lens, T* out, int64_t batch, int64_t num_heads,
                           int64_t num_kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Dynamic scheduling: context lengths differ a lot between sequences (and the runner sorts
+  // them), so equal static chunks would leave one thread idle while another does the long ones.
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> qf(group * D), acc(group * D), scores;
     alignas(64) float row[D];
-    for (int64_t task = begin; task < end; ++task) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * num_kv_heads; ++task) {
       const int64_t b = task / num_kv_heads, kvh = task % num_kv_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
@@ -98,7 +103,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       T* out_rows = out + (b * num_heads + kvh * group) * D;
       for (int64_t i = 0; i < group * D; ++i) out_rows[i] = static_cast<T>(acc[i]);
     }
-  });
+  }
 }
 
 template <typename T>
