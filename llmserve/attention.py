@@ -51,7 +51,7 @@ class DecodeBatch:
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    decode_groups: list[DecodeGroup]  # cover rows [0, num_single) on the torch path
+    decode_groups: list[DecodeGroup]  # cover the one-token rows (first in the batch) on the torch path
     chunks: list[PrefillChunk]  # the rows after
     decode_batch: DecodeBatch | None = None  # replaces decode_groups when a kernel is in use
 
