@@ -89,17 +89,14 @@ class LlamaLayer(nn.Module):
         self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
         self.input_norm = nn.Parameter(torch.ones(h))
         self.post_attn_norm = nn.Parameter(torch.ones(h))
-        self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, h))
-        self.qkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size)) if arch.qkv_bias else None
-        self.o_weight = nn.Parameter(torch.empty(h, self.q_size))
-        self.o_bias = nn.Parameter(torch.zeros(h)) if arch.o_bias else None
+        # nn.Linear so that quantization can swap them for its own modules (llmserve/quantization.py).
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=arch.o_bias)
         self.q_norm = nn.Parameter(torch.ones(d)) if arch.qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(d)) if arch.qk_norm else None
         i = arch.intermediate_size
-        self.gate_up_weight = nn.Parameter(torch.empty(2 * i, h))
-        self.gate_up_bias = nn.Parameter(torch.zeros(2 * i)) if arch.mlp_bias else None
-        self.down_weight = nn.Parameter(torch.empty(h, i))
-        self.down_bias = nn.Parameter(torch.zeros(h)) if arch.mlp_bias else None
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=arch.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias)
         self.scale = d**-0.5
 
     def forward(
@@ -113,7 +110,7 @@ class LlamaLayer(nn.Module):
         arch, num_tokens = self.arch, x.shape[0]
         eps = arch.rms_norm_eps
         h = rms_norm(x, self.input_norm, eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [T, (H + 2 Hkv) D]
+        qkv = self.qkv_proj(h)  # [T, (H + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, arch.num_heads, arch.head_dim)  # [T, H, D]
         k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
@@ -124,10 +121,10 @@ class LlamaLayer(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        x = x + F.linear(attn.reshape(num_tokens, self.q_size), self.o_weight, self.o_bias)  # [T, hidden]
+        x = x + self.o_proj(attn.reshape(num_tokens, self.q_size))  # [T, hidden]
         h = rms_norm(x, self.post_attn_norm, eps)
-        gate, up = F.linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -198,21 +195,20 @@ class LlamaForCausalLM(nn.Module):
 
     def _load_layer(self, layer: LlamaLayer, prefix: str, pending: dict[str, torch.Tensor]) -> None:
         take = lambda suffix: self._take(pending, prefix + suffix)  # noqa: E731
+
+        def linear(module: nn.Linear, names: list[str]) -> None:
+            # HF keeps q/k/v (and gate/up) apart; we run each group as one GEMM, rows concatenated.
+            module.weight.copy_(torch.cat([take(f"{name}.weight") for name in names]))
+            if module.bias is not None:
+                module.bias.copy_(torch.cat([take(f"{name}.bias") for name in names]))
+
         attn, mlp = "self_attn.", "mlp."
         layer.input_norm.copy_(take("input_layernorm.weight"))
         layer.post_attn_norm.copy_(take("post_attention_layernorm.weight"))
-        layer.qkv_weight.copy_(torch.cat([take(f"{attn}{p}_proj.weight") for p in "qkv"]))
-        if layer.qkv_bias is not None:
-            layer.qkv_bias.copy_(torch.cat([take(f"{attn}{p}_proj.bias") for p in "qkv"]))
-        layer.o_weight.copy_(take(f"{attn}o_proj.weight"))
-        if layer.o_bias is not None:
-            layer.o_bias.copy_(take(f"{attn}o_proj.bias"))
+        linear(layer.qkv_proj, [f"{attn}{p}_proj" for p in "qkv"])
+        linear(layer.o_proj, [f"{attn}o_proj"])
         if layer.q_norm is not None and layer.k_norm is not None:
             layer.q_norm.copy_(take(f"{attn}q_norm.weight"))
             layer.k_norm.copy_(take(f"{attn}k_norm.weight"))
-        layer.gate_up_weight.copy_(torch.cat([take(f"{mlp}gate_proj.weight"), take(f"{mlp}up_proj.weight")]))
-        if layer.gate_up_bias is not None:
-            layer.gate_up_bias.copy_(torch.cat([take(f"{mlp}gate_proj.bias"), take(f"{mlp}up_proj.bias")]))
-        layer.down_weight.copy_(take(f"{mlp}down_proj.weight"))
-        if layer.down_bias is not None:
-            layer.down_bias.copy_(take(f"{mlp}down_proj.bias"))
+        linear(layer.gate_up_proj, [f"{mlp}gate_proj", f"{mlp}up_proj"])
+        linear(layer.down_proj, [f"{mlp}down_proj"])
