@@ -1,6 +1,7 @@
 """`llmserve`: the command line.
 
     llmserve serve [MODEL] [--config FILE] [--host H] [--port P] [--api-key KEY] ...
+    llmserve chat [--url URL] [--api-key KEY] [--model ID] [--system TEXT] ...
 
 Every field of the config dataclasses is a flag (`max_num_seqs` -> `--max-num-seqs`); a flag wins
 over the `--config` file, which wins over the defaults.
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 
+from llmserve import chat_client
 from llmserve.config import add_config_args, config_from_args
 
 # What each config field does, for --help (the dataclasses' comments, in words a user reads).
@@ -25,6 +27,8 @@ _FLAG_HELP = {
     "model.attention_backend": "auto (on CPU the C++ decode kernel, compiled on first use, else torch), "
     "torch (the reference), cpp, or triton (not implemented yet)",
     "model.num_threads": "torch intra-op threads; None: torch's choice",
+    "model.quantization": "quantize the linear layers' weights at load with bitsandbytes: bnb-8bit "
+    "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",
     "cache.block_size": "tokens per KV cache block (a power of two)",
     "cache.kv_cache_memory_gb": "memory budget of the KV cache pool, in GB",
     "cache.num_blocks": "number of KV blocks, overriding --kv-cache-memory-gb",
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmserve", description="LLM text-generation server.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(commands)
+    chat_client.add_parser(commands)
     return parser
 
 
