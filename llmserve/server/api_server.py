@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from llmserve.config import ServerConfig
 from llmserve.server.async_engine import AsyncEngine
+from llmserve.server.chat_page import chat_page_routes
 from llmserve.server.errors import APIError, bad_request, error_body
 from llmserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmserve.server.responses import TokenText
@@ -67,6 +68,7 @@ def build_app(engine_client: AsyncEngine, config: ServerConfig) -> Starlette:
         # Probes and scrapers carry no key.
         Route("/health", _route(state, _health, auth=False), methods=["GET"]),
         Route("/metrics", _route(state, _metrics, auth=False), methods=["GET"]),
+        *chat_page_routes(),  # the page itself needs no key; it sends the one the user types
     ]
     middleware = []
     if config.allowed_origins:
