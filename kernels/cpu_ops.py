@@ -1,8 +1,9 @@
-"""The C++ CPU decode-attention kernel (csrc/paged_attention_cpu.cpp), compiled on first use.
+"""The C++ CPU kernels, compiled on first use: decode attention (csrc/paged_attention_cpu.cpp) and
+the fused per-layer elementwise ops (csrc/layer_ops_cpu.cpp).
 
 torch's cpp_extension builds it with the machine's C++ compiler into ~/.cache/torch_extensions
-(tens of seconds, once per machine). Where it cannot be built, `load()` returns None and the
-engine keeps the torch reference, with a warning in the log.
+(tens of seconds each, once per machine). Where one cannot be built, its loader returns None and
+the engine keeps the torch ops, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from types import ModuleType
 
 logger = logging.getLogger("llmserve.kernels")
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for
 
 
@@ -26,11 +27,29 @@ def load() -> ModuleType | None:
         logger.info("loading the C++ paged-attention kernel (compiled once per machine)")
         return cpp_extension.load(
             name="llmserve_paged_attention_cpu",
-            sources=[str(_SOURCE)],
+            sources=[str(_CSRC / "paged_attention_cpu.cpp")],
             # -ffast-math lets the compiler vectorise the dot-product reductions (reassociation).
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # no compiler, no ninja, headers missing: the torch path still works
         logger.warning("C++ paged-attention kernel unavailable (%s); using the torch reference", exc)
+        return None
+
+
+@functools.cache
+def load_layer_ops() -> ModuleType | None:
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("loading the C++ fused layer ops (compiled once per machine)")
+        return cpp_extension.load(
+            name="llmserve_layer_ops_cpu",
+            sources=[str(_CSRC / "layer_ops_cpu.cpp")],
+            # No -ffast-math and no FMA contraction: these ops must round exactly where torch's do.
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:
+        logger.warning("C++ fused layer ops unavailable (%s); using torch ops", exc)
         return None

@@ -24,8 +24,9 @@ _FLAG_HELP = {
     "model.device": "auto (cuda when available), cpu or cuda",
     "model.max_model_len": "context window in tokens (prompt + completion); None: the model's own",
     "model.seed": "seed for requests that give none, so a server run is reproducible end to end",
-    "model.attention_backend": "auto (on CPU the C++ decode kernel, compiled on first use, else torch), "
-    "torch (the reference), cpp, or triton (not implemented yet)",
+    "model.attention_backend": "auto (on CUDA the Triton kernels if triton is installed, else torch; on CPU "
+    "the C++ decode kernel, compiled on first use, else torch), torch (the reference), cpp (CPU), or triton "
+    "(CUDA; on CPU only with TRITON_INTERPRET=1, Triton's slow interpreter, for tests)",
     "model.num_threads": "torch intra-op threads; None: torch's choice",
     "model.quantization": "quantize the linear layers' weights at load with bitsandbytes: bnb-8bit "
     "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",

@@ -16,6 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit")  # each one a quantizer registered in llmserve/quantization.py
 
 
 @dataclass
@@ -25,13 +26,16 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # seeds unseeded sampling, so a server run is reproducible end to end
-    attention_backend: str = "auto"  # auto: the C++ decode kernel on CPU if it builds, else torch
+    attention_backend: str = "auto"  # auto: Triton on CUDA, the C++ decode kernel on CPU; else torch
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    quantization: str | None = None  # None: weights stay in dtype; else one of QUANTIZATIONS
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.quantization is not None:
+            _choice("quantization", self.quantization, QUANTIZATIONS)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -74,6 +74,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             hf_config, load_state_dict(files), dtype=self.dtype, device=self.device,
             block_size=cc.block_size, num_blocks=num_blocks, attention_backend=mc.attention_backend,
+            quantization=mc.quantization,
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmserve.attention import AttentionMetadata, DecodeBatch, DecodeGroup, DecodeKernel, PrefillChunk
+from llmserve.attention import (
+    AttentionMetadata,
+    DecodeBatch,
+    DecodeGroup,
+    DecodeKernel,
+    PrefillBatch,
+    PrefillChunk,
+    PrefillKernel,
+)
 from llmserve.models import build_model
+from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
+from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
 from llmserve_kernels import decode_mask, gather_index
 
@@ -53,12 +63,19 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         attention_backend: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        # Checked before the weights load, so an unusable method fails in seconds.
+        quantizer = get_quantizer(quantization, device, dtype) if quantization else None
         self.model = build_model(hf_config, dtype, device)
         self.model.load_weights(weights)
+        if quantizer is not None:
+            quantize_model(self.model, quantizer)
         self.arch = self.model.arch
+        self.model.ops = _layer_ops(attention_backend, device, dtype)
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
+        self.prefill_kernel = _prefill_kernel(attention_backend, device)
         shape = (num_blocks, self.arch.num_kv_heads, block_size, self.arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -108,6 +125,8 @@ class ModelRunner:
         single_tables: list[list[int]] = []
         single_lens: list[int] = []
         chunks: list[PrefillChunk] = []
+        prefill_tables: list[list[int]] = []
+        prefill_lens: list[tuple[int, int]] = []  # (new tokens, context length) per chunk
         for seq in ordered:
             request, start, n = seq.request, seq.start, seq.num_new_tokens
             table = block_tables[request.key]
@@ -117,6 +136,9 @@ class ModelRunner:
             if n == 1:
                 single_tables.append(table)
                 single_lens.append(start + 1)
+            elif self.prefill_kernel is not None:
+                prefill_tables.append(table[: -(-(start + n) // bs)])
+                prefill_lens.append((n, start + n))
             else:
                 num_blocks = -(-(start + n) // bs)
                 blocks = torch.tensor([table[:num_blocks]], device=device)  # [1, nblk]
@@ -126,6 +148,7 @@ class ModelRunner:
             decode_groups=[] if self.decode_kernel else self._decode_groups(single_tables, single_lens),
             chunks=chunks,
             decode_batch=self._decode_batch(single_tables, single_lens),
+            prefill_batch=self._prefill_batch(len(single_tables), prefill_tables, prefill_lens),
         )
         ids = torch.tensor(input_ids, device=device)
         pos = torch.tensor(positions, device=device)
@@ -138,6 +161,22 @@ class ModelRunner:
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=self.device)
         context_lens = torch.tensor(lens, dtype=torch.int64, device=self.device)
         return DecodeBatch(self.decode_kernel, len(tables), padded, context_lens)
+
+    def _prefill_batch(
+        self, row_start: int, tables: list[list[int]], lens: list[tuple[int, int]]
+    ) -> PrefillBatch | None:
+        if self.prefill_kernel is None or not tables:
+            return None
+        width = max(len(t) for t in tables)
+        padded = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=self.device
+        )  # [S, width]
+        cu_seqlens = torch.tensor(
+            [0, *itertools.accumulate(n for n, _ in lens)], dtype=torch.int32, device=self.device
+        )  # [S + 1]
+        context_lens = torch.tensor([c for _, c in lens], dtype=torch.int32, device=self.device)
+        max_query_len = max(n for n, _ in lens)
+        return PrefillBatch(self.prefill_kernel, row_start, padded, cu_seqlens, context_lens, max_query_len)
 
     def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
         """Cut the one-token seqs (sorted by context length) into up to DECODE_GROUPS groups.
@@ -163,12 +202,53 @@ class ModelRunner:
         return groups
 
 
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """triton: the Triton kernels, on CUDA (or on CPU when they were built for Triton's interpreter,
+    TRITON_INTERPRET=1, for tests); auto: them on CUDA when triton imports."""
+    if backend not in ("triton", "auto") or (backend == "auto" and device.type != "cuda"):
+        return False
+    from llmserve_kernels import triton_paged_attention  # imports triton: only on this path
+
+    if not triton_paged_attention.available():
+        if backend == "auto":
+            return False
+        raise ValueError("attention_backend 'triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not triton_paged_attention.interpreted():
+        raise ValueError(
+            f"attention_backend 'triton' runs on CUDA, not on {device}; set TRITON_INTERPRET=1 to run its kernels "
+            "on the CPU through Triton's interpreter (slow: for tests)"
+        )
+    return True
+
+
+def _prefill_kernel(backend: str, device: torch.device) -> PrefillKernel | None:
+    """The varlen prefill kernel for this backend, or None for the torch reference (SDPA per chunk)."""
+    if not _use_triton(backend, device):
+        return None
+    from llmserve_kernels import triton_paged_attention
+
+    return triton_paged_attention.paged_attention_prefill_varlen
+
+
+def _layer_ops(backend: str, device: torch.device, dtype: torch.dtype) -> LayerOps:
+    """Fused C++ layer ops on CPU, unless the torch reference is asked for (or they cannot build)."""
+    if device.type == "cpu" and backend != "torch":
+        from llmserve_kernels import cpu_ops
+
+        module = cpu_ops.load_layer_ops()
+        if module is not None:
+            return FusedCpuLayerOps(module, dtype)
+    return TorchLayerOps()
+
+
 def _decode_kernel(backend: str, device: torch.device, head_dim: int) -> DecodeKernel | None:
     """The decode-attention kernel for this backend, or None for the torch reference."""
     from llmserve_kernels import cpu_ops
 
-    if backend == "triton":
-        raise ValueError("attention_backend 'triton' is not implemented yet; use auto, torch or cpp")
+    if _use_triton(backend, device):
+        from llmserve_kernels import triton_paged_attention
+
+        return triton_paged_attention.paged_attention_decode
     if backend == "torch" or (backend == "auto" and (device.type != "cpu" or head_dim not in cpu_ops.HEAD_DIMS)):
         return None
     if device.type != "cpu":

@@ -75,12 +75,12 @@ class Sampler:
         """One token id per row of the processed logits [B, V] -> [B] long."""
         greedy = [r.sampling_params.greedy for r in requests]
         if all(greedy):
-            return logits.argmax(dim=-1)
+            return _argmax(logits)
         token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         if greedy_rows:
             rows = torch.tensor(greedy_rows, device=logits.device)
-            token_ids[rows] = logits[rows].argmax(dim=-1)
+            token_ids[rows] = _argmax(logits[rows])
         random_rows = [i for i, g in enumerate(greedy) if not g]
         random_requests = [requests[i] for i in random_rows]
         rows = torch.tensor(random_rows, device=logits.device)
@@ -111,7 +111,7 @@ class Sampler:
                 if request.sampling_params.seed is not None:
                     noise[i].exponential_(generator=self._request_generator(request, probs.device))  # [V]
         # E can be exactly 0; clamping keeps p / E finite, and zero-probability tokens still score 0.
-        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        return _argmax(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._shared_generators.get(device)
@@ -366,3 +366,9 @@ def _token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, ks: list[int]
             strict=True,
         )
     ]
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B] long
+    # Same index as x.argmax(-1), ties to the first maximum too, but torch's CPU argmax over a
+    # [64, 49152] row batch takes 2.4 ms (float32) to 5.4 ms (bf16) and max() 1.0-1.2 ms.
+    return x.max(dim=-1).indices

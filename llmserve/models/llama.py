@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.attention import AttentionMetadata, paged_attention
+from llmserve.models.layer_ops import LayerOps, TorchLayerOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,20 +68,6 @@ class LlamaArch:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers (normalise in float32, scale in the input dtype), so
-    # greedy outputs match it token for token.
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LlamaLayer(nn.Module):
     def __init__(self, arch: LlamaArch) -> None:
         super().__init__()
@@ -101,30 +88,35 @@ class LlamaLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, D]
+        x: torch.Tensor,  # [T, hidden]: the previous layer's output (the embeddings for layer 0)
+        residual: torch.Tensor | None,  # [T, hidden]: the residual stream before x is added; None at layer 0
+        cos: torch.Tensor,  # [T, D]
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        arch, num_tokens = self.arch, x.shape[0]
-        eps = arch.rms_norm_eps
-        h = rms_norm(x, self.input_norm, eps)
+        ops: LayerOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (output, residual), to be summed by the next layer
+        arch, num_tokens, eps = self.arch, x.shape[0], self.arch.rms_norm_eps
+        # The residual add is deferred into the next norm (one fused pass on CPU); the sum is
+        # the same as transformers' `x = residual + x` before its norm.
+        if residual is None:
+            residual, h = x, ops.norm(x, self.input_norm, eps)
+        else:
+            h = ops.add_norm(x, residual, self.input_norm, eps)
         qkv = self.qkv_proj(h)  # [T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, arch.num_heads, arch.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
-        v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q = rms_norm(q, self.q_norm, eps)
-            k = rms_norm(k, self.k_norm, eps)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        x = x + self.o_proj(attn.reshape(num_tokens, self.q_size))  # [T, hidden]
-        h = rms_norm(x, self.post_attn_norm, eps)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = ops.norm(q.reshape(-1, arch.head_dim), self.q_norm, eps)  # [T * H, D]: per-head norm
+            k = ops.norm(k.reshape(-1, arch.head_dim), self.k_norm, eps)  # [T * Hkv, D]
+            qkv = torch.cat([q.view(num_tokens, -1), k.view(num_tokens, -1), v], dim=-1)  # [T, (H + 2 Hkv) D]
+        q = ops.rope_write_kv(
+            qkv, cos, sin, meta.slot_mapping, kv_cache[0], kv_cache[1], arch.num_heads, arch.num_kv_heads
+        )  # [T, H, D]; K and V are in the cache now
+        attn = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        x = self.o_proj(attn.reshape(num_tokens, self.q_size))  # [T, hidden]
+        h = ops.add_norm(x, residual, self.post_attn_norm, eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
-        return x + self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,13 +129,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if arch.tie_word_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
+        self.ops: LayerOps = TorchLayerOps()  # the runner may swap in fused ones
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed per step from positions, in float32 exactly as transformers does it.
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None, :]  # [T, 1, D]
-        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None, :]
+        cos = (emb.cos() * self.attention_scaling).to(dtype)  # [T, D]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos, sin
 
     def forward(
@@ -155,9 +148,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], final-normed
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta, self.ops)
+        assert residual is not None, "a model has at least one layer"
+        return self.ops.add_norm(x, residual, self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
         weight = self.embed if self.lm_head is None else self.lm_head

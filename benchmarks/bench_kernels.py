@@ -1,0 +1,260 @@
+"""Paged-attention kernels: the Triton kernels against the torch reference, time per call and bandwidth.
+
+    python benchmarks/bench_kernels.py                  # on a CUDA GPU: Llama-3-8B-like heads, bf16
+    python benchmarks/bench_kernels.py --dtype float16 --block-size 32
+    python benchmarks/bench_kernels.py --smoke          # tiny shapes; the default without a GPU
+
+Without a CUDA device the Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set
+here before triton is imported): the figures then only show that the script and the kernels run,
+and that their outputs agree; interpreter timings say nothing about a GPU.
+
+Bandwidth arithmetic. One call of each kernel needs every cached K and V row of its sequences once:
+
+    kv_bytes = 2 (K and V) * sum(context lengths) * Hkv * D * bytes per element
+
+and "GB/s" is kv_bytes / time per call, for both implementations. It is the useful traffic, not what
+the hardware moved: the torch reference gathers each context into a contiguous copy first (it reads
+K/V, writes the copy, reads it again: ~3x the bytes), so its GB/s here is what it achieves per byte of
+real work, and the ratio of the two is the speed-up. Queries, outputs and block tables add
+2 * B * H * D elements and B * nblk ints, under 1% of kv_bytes at these context lengths, and are left
+out. Decode is memory-bound (<= 2 * g FLOP per K/V element, g query heads per KV head), so its GB/s
+is the figure to hold against the GPU's HBM peak (A100 80GB: 2.0 TB/s, H100 SXM: 3.35 TB/s, H200:
+4.8 TB/s). Prefill is compute-bound; its line also gives TFLOP/s:
+
+    flops = 4 * H * D * sum over query tokens of the keys it sees (prefix + its own position + 1)
+
+(QK^T and PV, 2 FLOP per multiply-add each), against the tensor-core peak (H100 SXM dense bf16:
+~990 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# Runnable from a checkout without installing: put the repo root on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# llmserve sets its OpenMP default (passive waiting) before torch loads, as the engine runs: the torch
+# reference on CPU is timed as the engine would run it. Neither import loads triton, so main() can
+# still set TRITON_INTERPRET.
+importlib.import_module("llmserve")
+
+import torch  # noqa: E402
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Heads:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    batch: int
+    context: int  # every sequence's length; the blocks are scattered over the pool anyway
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    chunks: tuple[tuple[int, int], ...]  # (cached prefix, new tokens) per sequence
+
+
+GPU_HEADS = Heads(32, 8, 128)  # Llama-3-8B, Mistral-7B: g = 4
+GPU_DECODE = [DecodeShape(1, 4096), DecodeShape(8, 4096), DecodeShape(32, 2048), DecodeShape(128, 1024),
+              DecodeShape(256, 512)]  # fmt: skip
+GPU_PREFILL = [PrefillShape(((0, 2048),)), PrefillShape(((0, 512),) * 4), PrefillShape(((1024, 512),) * 4)]
+SMOKE_HEADS = Heads(4, 2, 64)
+SMOKE_DECODE = [DecodeShape(2, 40), DecodeShape(4, 33)]
+SMOKE_PREFILL = [PrefillShape(((0, 20),)), PrefillShape(((16, 8), (5, 11)))]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes (the default without a CUDA device)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 else"
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed calls per measurement (CPU timing only)"
+    )
+    return parser.parse_args()
+
+
+def make_cache(lens: list[int], heads: Heads, block_size: int, dtype: torch.dtype, device: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A pool holding the sequences' blocks in shuffled order, and their block tables [B, max_blocks]."""
+    torch.manual_seed(0)
+    per_seq = [math.ceil(n / block_size) for n in lens]
+    num_blocks = sum(per_seq) + 1
+    shape = (num_blocks, heads.num_kv_heads, block_size, heads.head_dim)  # [num_blocks, Hkv, bs, D]
+    k_cache = torch.randn(shape, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, device=device, dtype=dtype)
+    order = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int64)
+    for i, nb in enumerate(per_seq):
+        tables[i, :nb] = torch.tensor([order.pop() for _ in range(nb)])
+    return k_cache, v_cache, tables.to(device)
+
+
+def time_call(fn: Callable[[], torch.Tensor], device: str, reps: int) -> float:
+    """Seconds per call: median of do_bench on CUDA (it flushes L2 between calls), else wall clock."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(
+    name: str, triton_s: float, torch_s: float, kv_bytes: int, flops: int | None, max_diff: float
+) -> None:
+    def line(label: str, seconds: float) -> str:
+        text = f"{seconds * 1e6:10.1f} us  {kv_bytes / seconds / 1e9:8.3g} GB/s"
+        if flops is not None:
+            text += f"  {flops / seconds / 1e12:8.3g} TFLOP/s"
+        return f"  {label:<7}{text}"
+
+    print(f"{name}  (K/V {kv_bytes / 2**20:.3g} MiB, max |triton - torch| {max_diff:.2e})")
+    print(line("triton", triton_s))
+    print(line("torch", torch_s) + f"   triton speed-up {torch_s / triton_s:.3g}x")
+
+
+def bench_decode(tpa: ModuleType, heads: Heads, shape: DecodeShape, block_size: int, dtype: torch.dtype,
+                 device: str, reps: int) -> None:  # fmt: skip
+    from llmserve_kernels import decode_mask, gather_index, paged_attention_decode
+
+    lens = [shape.context] * shape.batch
+    k_cache, v_cache, tables = make_cache(lens, heads, block_size, dtype, device)
+    q = torch.randn(shape.batch, heads.num_heads, heads.head_dim, device=device).to(dtype)  # [B, H, D]
+    context_lens = torch.tensor(lens, device=device)
+    scale = heads.head_dim**-0.5
+    # The engine builds the reference's index and mask once per step for all layers: not timed.
+    index = gather_index(tables, heads.num_kv_heads)  # [B, Hkv, nblk]
+    mask = decode_mask(context_lens, tables.shape[1] * block_size, torch.float32)  # [B, 1, 1, nblk * bs]
+
+    def run_triton() -> torch.Tensor:
+        return tpa.paged_attention_decode(q, k_cache, v_cache, tables, context_lens, scale)
+
+    def run_torch() -> torch.Tensor:
+        return paged_attention_decode(q, k_cache, v_cache, index, mask, scale)
+
+    max_diff = (run_triton().float() - run_torch().float()).abs().max().item()
+    kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
+    name = f"decode  B={shape.batch:<4} context={shape.context:<5}"
+    report(
+        name,
+        time_call(run_triton, device, reps),
+        time_call(run_torch, device, reps),
+        kv_bytes,
+        None,
+        max_diff,
+    )
+
+
+def bench_prefill(tpa: ModuleType, heads: Heads, shape: PrefillShape, block_size: int, dtype: torch.dtype,
+                  device: str, reps: int) -> None:  # fmt: skip
+    from llmserve_kernels import gather_index, paged_attention_prefill
+
+    lens = [start + n for start, n in shape.chunks]
+    k_cache, v_cache, tables = make_cache(lens, heads, block_size, dtype, device)
+    total = sum(n for _, n in shape.chunks)
+    q = torch.randn(total, heads.num_heads, heads.head_dim, device=device).to(dtype)  # [T, H, D]
+    cu = [0]
+    for _, n in shape.chunks:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)  # [S + 1]
+    context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    max_n = max(n for _, n in shape.chunks)
+    scale = heads.head_dim**-0.5
+    indexes = [
+        gather_index(tables[i : i + 1, : math.ceil(c / block_size)], heads.num_kv_heads)
+        for i, c in enumerate(lens)
+    ]
+
+    def run_triton() -> torch.Tensor:
+        return tpa.paged_attention_prefill_varlen(
+            q, k_cache, v_cache, tables, cu_seqlens, context_lens, scale, max_n
+        )
+
+    def run_torch() -> torch.Tensor:  # the engine's torch path: one SDPA call per chunk
+        return torch.cat([
+            paged_attention_prefill(q[cu[i] : cu[i + 1]], k_cache, v_cache, indexes[i], start, scale)
+            for i, (start, _) in enumerate(shape.chunks)
+        ])  # fmt: skip
+
+    max_diff = (run_triton().float() - run_torch().float()).abs().max().item()
+    kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
+    # query i of a chunk sees prefix + i + 1 keys: n * prefix + n * (n + 1) / 2 (query, key) pairs
+    pairs = sum(n * start + n * (n + 1) // 2 for start, n in shape.chunks)
+    flops = 4 * heads.num_heads * heads.head_dim * pairs
+    name = "prefill chunks=" + ",".join(f"{s}+{n}" for s, n in shape.chunks)
+    report(
+        name,
+        time_call(run_triton, device, reps),
+        time_call(run_torch, device, reps),
+        kv_bytes,
+        flops,
+        max_diff,
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    if not on_gpu:
+        # Must precede the first `import triton` (triton reads it when its own functions are jitted).
+        os.environ["TRITON_INTERPRET"] = "1"
+    from llmserve_kernels import triton_paged_attention as tpa
+
+    if not tpa.available():
+        sys.exit("triton is not installed: pip install triton")
+    import triton
+
+    smoke = args.smoke or not on_gpu
+    device = "cuda" if on_gpu else "cpu"
+    dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    heads = SMOKE_HEADS if smoke else GPU_HEADS
+    reps = args.reps or (3 if not on_gpu else 20)
+    where = (
+        torch.cuda.get_device_name()
+        if on_gpu
+        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    )
+    print(f"paged attention: Triton kernels vs the torch reference (gather + matmul / SDPA), on {where}")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {str(dtype).removeprefix('torch.')}, "
+          f"block_size {args.block_size}, H={heads.num_heads} Hkv={heads.num_kv_heads} D={heads.head_dim}"
+          f"{', smoke shapes' if smoke else ''}")  # fmt: skip
+    print("GB/s = K/V bytes one call needs (2 * sum(context) * Hkv * D * elem) / time per call")
+    if not on_gpu:
+        print("(interpreter timings are not GPU figures: this run checks that everything runs and agrees)")
+    for shape in SMOKE_DECODE if smoke else GPU_DECODE:
+        bench_decode(tpa, heads, shape, args.block_size, dtype, device, reps)
+    for shape in SMOKE_PREFILL if smoke else GPU_PREFILL:
+        bench_prefill(tpa, heads, shape, args.block_size, dtype, device, reps)
+
+
+if __name__ == "__main__":
+    main()

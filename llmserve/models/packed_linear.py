@@ -1,0 +1,64 @@
+"""bf16 linear layers on CPU with their weights pre-packed into oneDNN's blocked layout.
+
+`F.linear` on a bf16 CPU tensor hands oneDNN a plain row-major weight, which it reorders into
+its AMX/AVX-512 blocked layout on every call: at SmolLM2-135M sizes (30 layers x 4 matmuls,
+106M weights) that costs ~30% of each decode step. Packing once at load removes it. Measured on
+this repo's 2-core Xeon (AMX), all 120 body matmuls of one step, 2 threads, cold weights:
+
+    tokens in the step (M)    1      8      16     64     128
+    F.linear, ms            18.6   19.2   18.7   27.0   32.4
+    packed, ms              12.4   12.6   12.5   19.7   25.8
+
+(at M <= 16 both are bound by reading 212 MB of weights: 12.4 ms is ~17 GB/s; at M = 64 the
+packed kernel runs ~770 GFLOP/s.) float32 stays on `F.linear`: transformers uses it, and float32
+greedy output must match transformers bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("llmserve.models")
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # An opaque oneDNN tensor; the batch-size hint only picks the initial blocking.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear in `model` by a PackedLinear (the same product up to bf16 rounding:
+    oneDNN picks other kernels for the packed layout at M >= 64); returns how
+    many. Falls back (returns 0, model untouched) if this torch build cannot pack."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not targets:
+        return 0
+    try:
+        probe = PackedLinear(targets[0][1])
+        x = torch.randn(3, probe.in_features, dtype=torch.bfloat16)
+        torch.testing.assert_close(probe(x), F.linear(x, targets[0][1].weight, targets[0][1].bias))
+    except Exception as exc:  # an older torch or a build without these ops: plain F.linear still works
+        logger.warning("oneDNN weight packing unavailable (%s); bf16 linears stay unpacked", exc)
+        return 0
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, PackedLinear(module))
+    return len(targets)
