@@ -8,6 +8,7 @@ ids each sequence may use.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from llmserve.attention import (
 from llmserve.models import build_model
 from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
+from llmserve.models.packed_linear import PackedLinear, can_pack, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
 from llmserve_kernels import decode_mask, gather_index
@@ -32,6 +34,8 @@ from llmserve_kernels import decode_mask, gather_index
 DECODE_GROUPS = 4  # most batched attention calls for the one-token seqs of a step
 MIN_DECODE_GROUP = 8  # fewer rows than this per group is not worth a separate call
 
+
+logger = logging.getLogger("llmserve.model_runner")
 
 @dataclass(slots=True)
 class PromptLogits:
@@ -74,6 +78,11 @@ class ModelRunner:
             quantize_model(self.model, quantizer)
         self.arch = self.model.arch
         self.model.ops = _layer_ops(attention_backend, device, dtype)
+        if quantizer is None and attention_backend != "torch" and can_pack(device, dtype):
+            packed = pack_linears(self.model)
+            if packed:
+                self.model.packed_head = PackedLinear(self.model.head_weight)
+            logger.info("packed %d bf16 linear weights (and the LM head) for oneDNN", len(packed))
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         self.prefill_kernel = _prefill_kernel(attention_backend, device)
         shape = (num_blocks, self.arch.num_kv_heads, block_size, self.arch.head_dim)

@@ -130,6 +130,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
         self.ops: LayerOps = TorchLayerOps()  # the runner may swap in fused ones
+        self.packed_head: nn.Module | None = None  # the LM head as a PackedLinear (bf16 on CPU)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed per step from positions, in float32 exactly as transformers does it.
@@ -155,8 +156,13 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_norm(x, residual, self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
-        weight = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        if self.packed_head is not None:
+            return self.packed_head(hidden).float()
+        return F.linear(hidden, self.head_weight).float()
+
+    @property
+    def head_weight(self) -> torch.Tensor:  # [V, hidden]
+        return self.embed if self.lm_head is None else self.lm_head
 
     # ---- weights --------------------------------------------------------------------------
 

@@ -26,12 +26,12 @@ logger = logging.getLogger("llmserve.models")
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:  # weight [out, in]
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         # An opaque oneDNN tensor; the batch-size hint only picks the initial blocking.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -44,21 +44,25 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in `model` by a PackedLinear (the same product up to bf16 rounding:
-    oneDNN picks other kernels for the packed layout at M >= 64); returns how
-    many. Falls back (returns 0, model untouched) if this torch build cannot pack."""
+def pack_linears(model: nn.Module) -> list[nn.Linear]:
+    """Replace every nn.Linear in `model` by a PackedLinear: the same product up to bf16 rounding
+    (oneDNN picks other kernels for the packed layout at M >= 64). Returns the replaced modules;
+    none (model untouched) if this torch build cannot pack."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not targets:
-        return 0
-    try:
-        probe = PackedLinear(targets[0][1])
-        x = torch.randn(3, probe.in_features, dtype=torch.bfloat16)
-        torch.testing.assert_close(probe(x), F.linear(x, targets[0][1].weight, targets[0][1].bias))
-    except Exception as exc:  # an older torch or a build without these ops: plain F.linear still works
-        logger.warning("oneDNN weight packing unavailable (%s); bf16 linears stay unpacked", exc)
-        return 0
+    if not targets or not packing_works(targets[0][1].weight):
+        return []
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(module))
-    return len(targets)
+        setattr(model.get_submodule(parent_name), child, PackedLinear(module.weight, module.bias))
+    return [module for _, module in targets]
+
+
+def packing_works(weight: torch.Tensor) -> bool:
+    try:
+        probe = PackedLinear(weight)
+        x = torch.randn(3, probe.in_features, dtype=weight.dtype)
+        torch.testing.assert_close(probe(x), F.linear(x, weight))
+        return True
+    except Exception as exc:  # an older torch or a build without these ops: plain F.linear still works
+        logger.warning("oneDNN weight packing unavailable (%s); bf16 linears stay unpacked", exc)
+        return False

@@ -1,0 +1,91 @@
+"""The CPU fast paths against the torch reference they replace: the fused C++ layer ops
+(kernels/csrc/layer_ops_cpu.cpp) and oneDNN-packed bf16 linears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.models.layer_ops import FusedCpuLayerOps, TorchLayerOps
+from llmserve.models.packed_linear import PackedLinear, can_pack, pack_linears
+from llmserve_kernels import cpu_ops
+
+H, HKV, D, BLOCK = 9, 3, 64, 16
+
+
+@pytest.fixture(scope="module")
+def fused_module():  # type: ignore[no-untyped-def]
+    module = cpu_ops.load_layer_ops()
+    if module is None:
+        pytest.skip("the C++ layer ops could not be built here (see the log)")
+    return module
+
+
+def rope_tables(positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_and_kv_write_are_exact(fused_module, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    num_tokens = 37
+    qkv = torch.randn(num_tokens, (H + 2 * HKV) * D).to(dtype)
+    cos, sin = rope_tables(torch.arange(num_tokens) * 7, dtype)
+    slots = torch.randperm(8 * BLOCK)[:num_tokens]
+    caches = [torch.zeros(8, HKV, BLOCK, D, dtype=dtype) for _ in range(4)]
+    q_ref = TorchLayerOps().rope_write_kv(qkv.clone(), cos, sin, slots, caches[0], caches[1], H, HKV)
+    q_fused = FusedCpuLayerOps(fused_module, dtype).rope_write_kv(
+        qkv.clone(), cos, sin, slots, caches[2], caches[3], H, HKV
+    )
+    assert q_fused.is_contiguous() and q_fused.shape == (num_tokens, H, D)
+    assert torch.equal(q_fused, q_ref)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert caches[0].abs().sum() > 0  # the reference did write
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+def test_bf16_norms_match_transformers_arithmetic(fused_module, num_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(num_tokens)
+    x = (torch.randn(num_tokens, 576) * 3).bfloat16()
+    residual = torch.randn(num_tokens, 576).bfloat16()
+    weight = (torch.rand(576) + 0.5).bfloat16()
+    ref, fused = TorchLayerOps(), FusedCpuLayerOps(fused_module, torch.bfloat16)
+    assert torch.equal(fused.norm(x, weight, 1e-5), ref.norm(x, weight, 1e-5))
+    res_ref, res_fused = residual.clone(), residual.clone()
+    out_ref = ref.add_norm(x, res_ref, weight, 1e-5)
+    out_fused = fused.add_norm(x, res_fused, weight, 1e-5)
+    assert torch.equal(res_fused, res_ref), "the residual stream must hold residual + x"
+    # One float ulp of difference in the sum of squares may flip a bf16 rounding: allow a few.
+    assert (out_fused != out_ref).float().mean() < 0.01
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-2, atol=1e-2)
+
+
+def test_float32_keeps_torch_norm(fused_module) -> None:  # type: ignore[no-untyped-def]
+    x, weight = torch.randn(16, 576), torch.rand(576) + 0.5
+    assert torch.equal(FusedCpuLayerOps(fused_module, torch.float32).norm(x, weight, 1e-6),
+                       TorchLayerOps().norm(x, weight, 1e-6))  # fmt: skip
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 7, 64, 200])
+def test_packed_linear_matches_f_linear(rows: int) -> None:
+    torch.manual_seed(rows)
+    linear = nn.Linear(576, 1536, bias=True).bfloat16()
+    packed = PackedLinear(linear.weight, linear.bias)
+    x = torch.randn(rows, 576).bfloat16()
+    torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+def test_pack_linears_replaces_every_linear() -> None:
+    model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Sequential(nn.Linear(128, 32, bias=False))).bfloat16()
+    x = torch.randn(4, 64).bfloat16()
+    expected = model(x)
+    assert len(pack_linears(model)) == 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=2e-2, atol=2e-2)
