@@ -39,14 +39,14 @@ logger = logging.getLogger("llmserve.model_runner")
 
 @dataclass(slots=True)
 class PromptLogits:
-    logits: torch.Tensor  # [n, V] float32: row i predicts prompt token first_position + i + 1
+    logits: torch.Tensor  # [n, V] model dtype: row i predicts prompt token first_position + i + 1
     first_position: int
 
 
 @dataclass(slots=True)
 class StepResult:
     sampling_seqs: list[ScheduledSeq]  # the seqs that sample this step, in logits row order
-    logits: torch.Tensor | None  # [len(sampling_seqs), V] float32
+    logits: torch.Tensor | None  # [len(sampling_seqs), V] model dtype
     prompt_logits: dict[tuple[str, int], PromptLogits] = field(default_factory=dict)
 
 

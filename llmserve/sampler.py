@@ -47,7 +47,12 @@ class Sampler:
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size {self.vocab_size}")
         # Columns past vocab_size are lm_head padding, not tokens: they must never be sampled.
-        logits = logits[:, : self.vocab_size].float()  # [B, V]
+        logits = logits[:, : self.vocab_size]  # [B, V]
+        if _plain_greedy(requests, self.vocab_size):
+            # The argmax of bf16 logits is the argmax of their exact float32 widening: skip the
+            # [B, V] copy (12.6 MB at B = 64 for this vocabulary, ~2 ms a step on this CPU).
+            return SamplerOutput(token_ids=_argmax(logits).tolist(), logprobs=[None] * len(requests))
+        logits = logits.float()
 
         processed = apply_logits_processors(logits, requests)  # [B, V]; `logits` stays raw
         token_ids = self._choose(processed, requests)  # [B]
@@ -366,6 +371,17 @@ def _token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, ks: list[int]
             strict=True,
         )
     ]
+
+
+def _plain_greedy(requests: Sequence[Request], vocab_size: int) -> bool:
+    """Greedy with nothing that reads or changes the logits first (no processor, no logprobs)."""
+    for r in requests:
+        p = r.sampling_params
+        if not p.greedy or p.logprobs is not None or p.logit_bias or _blocked_tokens(r, vocab_size):
+            return False
+        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            return False
+    return True
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B] long

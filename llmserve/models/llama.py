@@ -155,10 +155,11 @@ class LlamaForCausalLM(nn.Module):
         assert residual is not None, "a model has at least one layer"
         return self.ops.add_norm(x, residual, self.norm, self.arch.rms_norm_eps)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] float32
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] in the model dtype
+        # Not widened to float32 here: the sampler does it only when it needs to.
         if self.packed_head is not None:
-            return self.packed_head(hidden).float()
-        return F.linear(hidden, self.head_weight).float()
+            return self.packed_head(hidden)
+        return F.linear(hidden, self.head_weight)
 
     @property
     def head_weight(self) -> torch.Tensor:  # [V, hidden]
