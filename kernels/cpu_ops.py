@@ -1,5 +1,6 @@
-"""The C++ CPU kernels, compiled on first use: decode attention (csrc/paged_attention_cpu.cpp) and
-the fused per-layer elementwise ops (csrc/layer_ops_cpu.cpp).
+"""The C++ CPU kernels, compiled on first use: decode attention (csrc/paged_attention_cpu.cpp),
+the fused per-layer elementwise ops (csrc/layer_ops_cpu.cpp), and the weight-only int8 matmul
+(csrc/int8_gemv_cpu.cpp).
 
 torch's cpp_extension builds it with the machine's C++ compiler into ~/.cache/torch_extensions
 (tens of seconds each, once per machine). Where one cannot be built, its loader returns None and
@@ -52,4 +53,24 @@ def load_layer_ops() -> ModuleType | None:
         )
     except Exception as exc:
         logger.warning("C++ fused layer ops unavailable (%s); using torch ops", exc)
+        return None
+
+
+@functools.cache
+def load_int8_ops() -> ModuleType | None:
+    """The weight-only int8 matmul for decode steps (csrc/int8_gemv_cpu.cpp), or None."""
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("loading the C++ int8 matmul (compiled once per machine)")
+        return cpp_extension.load(
+            name="llmserve_int8_gemv_cpu",
+            sources=[str(_CSRC / "int8_gemv_cpu.cpp")],
+            # No -ffast-math and no FMA contraction: both paths of Int8Linear share one rounding.
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp",
+                          "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:
+        logger.warning("C++ int8 matmul unavailable (%s)", exc)
         return None

@@ -28,7 +28,8 @@ _FLAG_HELP = {
     "the C++ decode kernel, compiled on first use, else torch), torch (the reference), cpp (CPU), or triton "
     "(CUDA; on CPU only with TRITON_INTERPRET=1, Triton's slow interpreter, for tests)",
     "model.num_threads": "torch intra-op threads; None: torch's choice",
-    "model.quantization": "quantize the linear layers' weights at load with bitsandbytes: bnb-8bit "
+    "model.quantization": "quantize the linear layers' weights at load: int8 (CPU, float32 or bfloat16: "
+    "per-row int8 weights and LM head, a C++ kernel for decode steps) or, with bitsandbytes, bnb-8bit "
     "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",
     "cache.block_size": "tokens per KV cache block (a power of two)",
     "cache.kv_cache_memory_gb": "memory budget of the KV cache pool, in GB",

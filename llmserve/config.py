@@ -16,7 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
-QUANTIZATIONS = ("bnb-8bit", "bnb-4bit")  # each one a quantizer registered in llmserve/quantization.py
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8")  # each a quantizer registered in llmserve/quantization.py
 
 
 @dataclass

@@ -76,6 +76,7 @@ class ModelRunner:
         self.model.load_weights(weights)
         if quantizer is not None:
             quantize_model(self.model, quantizer)
+            self.model.packed_head = quantizer.quantize_head(self.model.head_weight)  # None: head unquantized
         self.arch = self.model.arch
         self.model.ops = _layer_ops(attention_backend, device, dtype)
         if quantizer is None and attention_backend != "torch" and can_pack(device, dtype):

@@ -1,9 +1,12 @@
 """Weight quantization after load: every `nn.Linear` of the model is swapped for a quantized module.
 
 A method is looked up by its name (`ModelConfig.quantization`) in a registry of `LinearQuantizer`s;
-a new one (say a CPU weight-only int8) is a subclass plus `@register("name")`, and its name added
-to `config.QUANTIZATIONS`. The embedding and the LM head are raw Parameters, not `nn.Linear`, so
-they stay in the model dtype.
+a new one is a subclass plus `@register("name")`, and its name added to `config.QUANTIZATIONS`.
+The embedding and the LM head are raw Parameters, not `nn.Linear`, so they stay in the model
+dtype, unless the method's `quantize_head` gives the runner a module for the head (int8 does).
+
+- `int8` (CPU): per-row symmetric int8 weights, the LM head included; our C++ kernel for steps of
+  up to 10 rows, a bf16 GEMM over the same codes beyond (llmserve/int8_linear.py).
 
 bitsandbytes is imported only when a `bnb-*` method is asked for:
 
@@ -48,6 +51,11 @@ class LinearQuantizer(ABC):
     def weight_bytes(self, module: nn.Module) -> int:
         """Bytes `module` holds for its weights (parameters and buffers by default)."""
         return _tensor_bytes(module)
+
+    def quantize_head(self, weight: torch.Tensor) -> nn.Module | None:
+        """A module computing the LM head `hidden @ weight.T` ([V, hidden]), or None (the default)
+        to leave the head in the model dtype."""
+        return None
 
 
 _REGISTRY: dict[str, Callable[[], LinearQuantizer]] = {}
@@ -128,6 +136,37 @@ def _warm_up(module: nn.Module, linear: nn.Linear, name: str, method: str) -> No
 def _tensor_bytes(module: nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---- int8 (CPU) ------------------------------------------------------------------------------------
+
+
+@register("int8")
+class CpuInt8(LinearQuantizer):
+    """Per-row int8 weights with our own decode kernel, LM head included; llmserve/int8_linear.py."""
+
+    ops: ModuleType | None = None  # the compiled kernels, set by check()
+    pack: bool | None = None  # whether the large-step GEMM is oneDNN-packed, set by check()
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        from llmserve import int8_linear
+
+        self.ops = int8_linear.check(device, dtype)
+        self.pack = int8_linear.can_pack_codes(device, dtype)
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        return self.quantize_weight(linear.weight, linear.bias)
+
+    def quantize_head(self, weight: torch.Tensor) -> nn.Module | None:
+        return self.quantize_weight(weight, None)
+
+    def quantize_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        from llmserve.int8_linear import Int8Linear
+
+        return Int8Linear(weight, bias, ops=self.ops, pack=self.pack)
+
+    def weight_bytes(self, module: nn.Module) -> int:
+        return module.weight_bytes()  # type: ignore[operator]
 
 
 # ---- bitsandbytes ----------------------------------------------------------------------------------

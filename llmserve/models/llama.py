@@ -130,7 +130,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
         self.ops: LayerOps = TorchLayerOps()  # the runner may swap in fused ones
-        self.packed_head: nn.Module | None = None  # the LM head as a PackedLinear (bf16 on CPU)
+        self.packed_head: nn.Module | None = None  # the LM head as a module: PackedLinear (bf16 on CPU) or a quantizer's (int8)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed per step from positions, in float32 exactly as transformers does it.
