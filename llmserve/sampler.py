@@ -3,7 +3,9 @@
 The engine calls `Sampler.sample` once per step with one row of logits per sequence that is due a
 token. Everything is vectorised across the batch except the random draws of seeded requests, which
 come row by row from each request's own generator so that a seeded request's tokens never depend
-on what else happens to be in the batch.
+on what else happens to be in the batch. On CUDA the small index and parameter tensors travel
+through pinned memory (`_to_device`), so the host first waits for the GPU at the `.tolist()` that
+reads the token ids (and the logprobs), not at every tensor it sends.
 
 Order of operations per row (the same as vLLM's):
     raw logits -> logprobs (reported, "raw": before any processing)
@@ -71,7 +73,7 @@ class Sampler:
         if not target_ids:
             return []
         logprobs = logits.float().log_softmax(dim=-1)  # [N, V]
-        targets = torch.tensor(target_ids, dtype=torch.long, device=logits.device)  # [N]
+        targets = _to_device(target_ids, logits.device, torch.long)  # [N]
         return _token_logprobs(logprobs, targets, [k] * len(target_ids))
 
     # ---- choosing the token ------------------------------------------------------------------
@@ -84,11 +86,11 @@ class Sampler:
         token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         if greedy_rows:
-            rows = torch.tensor(greedy_rows, device=logits.device)
+            rows = _to_device(greedy_rows, logits.device)
             token_ids[rows] = _argmax(logits[rows])
         random_rows = [i for i, g in enumerate(greedy) if not g]
         random_requests = [requests[i] for i in random_rows]
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = _to_device(random_rows, logits.device)
         random_logits = _apply_temperature(logits[rows], random_requests)  # [R, V], a copy
         random_logits = _apply_top_k_top_p_min_p(random_logits, random_requests)
         token_ids[rows] = self._draw(random_logits.softmax(dim=-1), random_requests)
@@ -108,7 +110,7 @@ class Sampler:
             noise.exponential_(generator=shared)
         else:
             if unseeded:
-                rows = torch.tensor(unseeded, device=probs.device)
+                rows = _to_device(unseeded, probs.device)
                 noise[rows] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
                     generator=shared
                 )  # [U, V]
@@ -200,7 +202,7 @@ def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None
         biases += bias.values()
     rows, tokens = _index_tensors(row_ids, token_ids, logits.device)
     # Keys of one dict are distinct, so no (row, token) pair repeats and += is a plain add.
-    logits[rows, tokens] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    logits[rows, tokens] += _to_device(biases, logits.device, logits.dtype)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -213,10 +215,10 @@ def _apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request])
     seen = [chain(requests[i].prompt_token_ids, requests[i].output_token_ids) for i in penalised]
     row_ids, token_ids = _flatten(seen)
     occurred[_index_tensors(row_ids, token_ids, device)] = True
-    penalty = torch.tensor(
-        [requests[i].sampling_params.repetition_penalty for i in penalised], dtype=logits.dtype, device=device
+    penalty = _to_device(
+        [requests[i].sampling_params.repetition_penalty for i in penalised], device, logits.dtype
     ).unsqueeze(1)  # [P, 1]
-    rows = torch.tensor(penalised, device=device)
+    rows = _to_device(penalised, device)
     sub = logits[rows]  # [P, V]
     # Dividing a negative logit would make it *more* likely; hence the sign split.
     moved = torch.where(sub > 0, sub / penalty, sub * penalty)
@@ -238,13 +240,13 @@ def _apply_presence_frequency_penalty(logits: torch.Tensor, requests: Sequence[R
         torch.ones(len(token_ids), dtype=logits.dtype, device=device),
         accumulate=True,
     )
-    presence = torch.tensor(
-        [requests[i].sampling_params.presence_penalty for i in penalised], dtype=logits.dtype, device=device
+    presence = _to_device(
+        [requests[i].sampling_params.presence_penalty for i in penalised], device, logits.dtype
     ).unsqueeze(1)  # [P, 1]
-    frequency = torch.tensor(
-        [requests[i].sampling_params.frequency_penalty for i in penalised], dtype=logits.dtype, device=device
+    frequency = _to_device(
+        [requests[i].sampling_params.frequency_penalty for i in penalised], device, logits.dtype
     ).unsqueeze(1)  # [P, 1]
-    rows = torch.tensor(penalised, device=device)
+    rows = _to_device(penalised, device)
     logits[rows] -= presence * (counts > 0) + frequency * counts
 
 
@@ -263,8 +265,8 @@ def _index_tensors(
     row_ids: list[int], token_ids: list[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return (
-        torch.tensor(row_ids, dtype=torch.long, device=device),
-        torch.tensor(token_ids, dtype=torch.long, device=device),
+        _to_device(row_ids, device, torch.long),
+        _to_device(token_ids, device, torch.long),
     )
 
 
@@ -275,7 +277,7 @@ def _apply_temperature(logits: torch.Tensor, requests: Sequence[Request]) -> tor
     temperatures = [r.sampling_params.temperature for r in requests]
     if all(t == 1.0 for t in temperatures):
         return logits
-    return logits / torch.tensor(temperatures, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [R, 1]
+    return logits / _to_device(temperatures, logits.device, logits.dtype).unsqueeze(1)  # [R, 1]
 
 
 def _apply_top_k_top_p_min_p(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -298,9 +300,9 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """top_k alone needs only the k largest per row: far cheaper than the full sort top_p needs."""
     vocab_size = logits.shape[1]
     max_k = max(k for k in top_k if k < vocab_size)
-    k = torch.tensor([min(k, max_k) for k in top_k], dtype=torch.long, device=logits.device).unsqueeze(1)  # [R, 1]
+    k = _to_device([min(k, max_k) for k in top_k], logits.device, torch.long).unsqueeze(1)  # [R, 1]
     kth_largest = logits.topk(max_k, dim=-1).values.gather(1, k - 1)  # [R, 1]
-    is_off = torch.tensor([k == vocab_size for k in top_k], device=logits.device).unsqueeze(1)  # [R, 1]
+    is_off = _to_device([k == vocab_size for k in top_k], logits.device).unsqueeze(1)  # [R, 1]
     kth_largest = kth_largest.masked_fill(is_off, float("-inf"))
     # "<" rather than a positional cut keeps ties with the kth value, independent of sort order.
     return logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -310,10 +312,10 @@ def _apply_top_k_top_p_sorted(logits: torch.Tensor, top_k: list[int], top_p: lis
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V] each
     # With k == V for rows where top_k is off, the kth value is the row minimum: nothing is masked.
-    k = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(1)  # [R, 1]
+    k = _to_device(top_k, device, torch.long).unsqueeze(1)  # [R, 1]
     kth_largest = sorted_logits.gather(1, k - 1)  # [R, 1]
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
-    p = torch.tensor(top_p, dtype=logits.dtype, device=device).unsqueeze(1)  # [R, 1]
+    p = _to_device(top_p, device, logits.dtype).unsqueeze(1)  # [R, 1]
     probs = sorted_logits.softmax(dim=-1)  # [R, V], renormalised after top_k like HF's warpers
     mass_before = probs.cumsum(dim=-1) - probs  # [R, V]: mass of the strictly more likely tokens
     # A token is in the nucleus iff the tokens above it do not yet reach top_p; the top token has
@@ -326,7 +328,7 @@ def _apply_top_k_top_p_sorted(logits: torch.Tensor, top_k: list[int], top_p: lis
 
 def _apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     probs = logits.softmax(dim=-1)  # [R, V]
-    scale = torch.tensor(min_p, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [R, 1]
+    scale = _to_device(min_p, logits.device, logits.dtype).unsqueeze(1)  # [R, 1]
     threshold = scale * probs.amax(dim=-1, keepdim=True)  # [R, 1]
     return logits.masked_fill(probs < threshold, float("-inf"))
 
@@ -341,7 +343,7 @@ def _sampled_logprobs(
     result: list[TokenLogprob | None] = [None] * len(requests)
     if not asking:
         return result
-    rows = torch.tensor(asking, device=raw_logits.device)
+    rows = _to_device(asking, raw_logits.device)
     logprobs = raw_logits[rows].log_softmax(dim=-1)  # [A, V]
     ks = [requests[i].sampling_params.logprobs or 0 for i in asking]
     for i, entry in zip(asking, _token_logprobs(logprobs, token_ids[rows], ks), strict=True):
@@ -371,6 +373,20 @@ def _token_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, ks: list[int]
             strict=True,
         )
     ]
+
+
+def _to_device(data: Sequence[int] | Sequence[float] | Sequence[bool], device: torch.device,
+               dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    """`torch.tensor(data, dtype=dtype, device=device)`, without a host sync on CUDA.
+
+    Made straight on a CUDA device, torch copies from pageable memory and then waits for the
+    stream, i.e. for the step's forward to finish, before the sampler can queue its next op.
+    Staged in pinned memory, the copy is queued behind the forward instead, and the only wait is
+    the `.tolist()` that reads the token ids. Elsewhere (CPU) it is exactly the plain call."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    # The caching host allocator keeps the pinned block until the queued copy has read it.
+    return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def _plain_greedy(requests: Sequence[Request], vocab_size: int) -> bool:
