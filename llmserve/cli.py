@@ -31,6 +31,10 @@ _FLAG_HELP = {
     "model.quantization": "quantize the linear layers' weights at load: int8 (CPU, float32 or bfloat16: "
     "per-row int8 weights and LM head, a C++ kernel for decode steps) or, with bitsandbytes, bnb-8bit "
     "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",
+    "model.enforce_eager": "run every step eagerly; without it, pure-decode steps on CUDA replay CUDA "
+    "graphs captured at start-up (on CPU every step is eager anyway)",
+    "model.cuda_graph_max_batch": "largest decode batch captured as a CUDA graph (larger steps run "
+    "eagerly); None: --max-num-seqs",
     "cache.block_size": "tokens per KV cache block (a power of two)",
     "cache.kv_cache_memory_gb": "memory budget of the KV cache pool, in GB",
     "cache.num_blocks": "number of KV blocks, overriding --kv-cache-memory-gb",

@@ -29,6 +29,8 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto: Triton on CUDA, the C++ decode kernel on CPU; else torch
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     quantization: str | None = None  # None: weights stay in dtype; else one of QUANTIZATIONS
+    enforce_eager: bool = False  # True: no CUDA graphs, every step eager (CPU steps always are)
+    cuda_graph_max_batch: int | None = None  # largest decode batch run as a CUDA graph; None: max_num_seqs
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -40,6 +42,10 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not isinstance(self.enforce_eager, bool):  # a TOML string "false" would read as true
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from llmserve.block_manager import BlockManager
 from llmserve.config import EngineConfig
+from llmserve.cuda_graphs import plan_decode_graphs
 from llmserve.detokenizer import IncrementalDetokenizer
 from llmserve.model_loader import load_hf_config, load_state_dict, load_tokenizer, resolve_model
 from llmserve.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
@@ -71,10 +72,15 @@ class LLMEngine:
             files.name, arch.architecture, self.dtype, self.device, num_blocks, cc.block_size,
             num_blocks * per_block / 2**30, self.max_model_len,
         )  # fmt: skip
+        graph_plan = plan_decode_graphs(
+            device=self.device, enforce_eager=mc.enforce_eager, max_num_seqs=config.scheduler.max_num_seqs,
+            cuda_graph_max_batch=mc.cuda_graph_max_batch, max_model_len=self.max_model_len,
+            block_size=cc.block_size, quantization=mc.quantization,
+        )  # fmt: skip
         self.runner = ModelRunner(
             hf_config, load_state_dict(files), dtype=self.dtype, device=self.device,
             block_size=cc.block_size, num_blocks=num_blocks, attention_backend=mc.attention_backend,
-            quantization=mc.quantization,
+            quantization=mc.quantization, graph_plan=graph_plan,
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmserve import cuda_graphs
 from llmserve.attention import (
     AttentionMetadata,
     DecodeBatch,
@@ -68,6 +69,7 @@ class ModelRunner:
         num_blocks: int,
         attention_backend: str = "auto",
         quantization: str | None = None,
+        graph_plan: cuda_graphs.GraphPlan | None = None,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         # Checked before the weights load, so an unusable method fails in seconds.
@@ -86,14 +88,26 @@ class ModelRunner:
             logger.info("packed %d bf16 linear weights (and the LM head) for oneDNN", len(packed))
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         self.prefill_kernel = _prefill_kernel(attention_backend, device)
-        shape = (num_blocks, self.arch.num_kv_heads, block_size, self.arch.head_dim)
+        # CUDA graphs (llmserve/cuda_graphs.py): padded rows need one scratch block past the pool's
+        # num_blocks, which the block manager never hands out.
+        graph_plan = cuda_graphs.usable_plan(graph_plan, self.decode_kernel)
+        extra = 0 if graph_plan is None else 1
+        shape = (num_blocks + extra, self.arch.num_kv_heads, block_size, self.arch.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(self.arch.num_layers)
         ]
+        self.graphs: cuda_graphs.DecodeGraphRunner | None = None
+        if graph_plan is not None and self.decode_kernel is not None:
+            self.graphs = cuda_graphs.DecodeGraphRunner(
+                graph_plan, self.model, self.kv_caches, self.decode_kernel, block_size=block_size,
+                scratch_block=num_blocks,
+            )  # fmt: skip
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq], block_tables: dict[tuple[str, int], list[int]]) -> StepResult:
+        if self.graphs is not None and (graphed := self.graphs.run(seqs, block_tables)) is not None:
+            return StepResult(*graphed)  # a pure-decode step, replayed (see llmserve/cuda_graphs.py)
         # Single-token seqs first, shortest context first: they are attended to in batched groups.
         singles = sorted((s for s in seqs if s.num_new_tokens == 1), key=lambda s: s.start)
         ordered = singles + [s for s in seqs if s.num_new_tokens > 1]
