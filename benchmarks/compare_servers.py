@@ -38,6 +38,7 @@ from serving.launchers import (
     transformers_spec,
 )
 from serving.plots import plot_latency, plot_throughput
+from serving.roofline import Ceilings, print_roofline, weight_bytes
 
 SERVERS = ("llmserve", "transformers", "llama.cpp")
 # Room a llama-server slot needs beyond the prompt and answer: the chat template's own tokens.
@@ -206,15 +207,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.prompts_per_concurrency} x concurrency requests (at least {args.min_prompts}), greedy, chat endpoint")  # fmt: skip
     for name, why in skipped.items():
         print(f"  {name} skipped: {why}")
+    # Probed before any server starts, so the ceilings are this machine's and not a busy one's.
+    model_dir, gguf = built_in_model()
+    ceilings = Ceilings.probe(model_dir, args.dtype)
+    print(f"  {ceilings.describe()}")
+    extra = {"llmserve": shlex.split(args.llmserve_args), "transformers": shlex.split(args.transformers_args)}
+    weights = {
+        s.name: weight_bytes(s.name, args.dtype, extra.get(s.name, []), gguf, ceilings.size.params)
+        for s in specs
+    }
     runs = [run for spec in specs for run in run_server(args, spec)]
     info["load_average_end"] = os.getloadavg()
     rows = [r for r in runs if "metrics" in r]
     print()
     print_table(rows)
+    roofline = print_roofline(rows, ceilings, weights) if rows else []
     report = {
         "machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "servers": {s.name: {"command": s.command, "description": s.description} for s in specs},
         "skipped": skipped, "runs": runs,
+        "roofline": {"ceilings": {"read_gb_per_s": ceilings.read_gb_per_s,
+                                  "matmul_gflop_per_s": ceilings.matmul_gflop_per_s, "dtype": ceilings.dtype},
+                     "weight_bytes": weights, "rows": roofline},
     }  # fmt: skip
     (args.out_dir / "runs.json").write_text(json.dumps(report, indent=1) + "\n")
     if rows:

@@ -270,3 +270,38 @@ def test_chat_conversations_end_with_a_user_question(counter: TokenCounter) -> N
         assert roles[0] == "system" and roles[-1] == "user" and len(roles) <= 2 + 2 * 3
         assert s.prompt_len == counter.count(s.prompt) > 0
     assert max(len(s.messages) for s in samples) > 2  # some have earlier turns
+
+
+# ---- compare_servers' roofline ---------------------------------------------------------------
+
+
+def test_roofline_figures_from_token_counts(tmp_path: Path) -> None:
+    from bench_offline import ModelSize
+    from serving.roofline import Ceilings, roofline_rows, weight_bytes
+
+    # 100M params, 20M of them the (tied) embedding: 2 * 80M FLOPs per token through the body,
+    # 2 * 20M more per answer token through the head.
+    size = ModelSize(params=100_000_000, embed_params=20_000_000)
+    ceilings = Ceilings(size, read_gb_per_s=20.0, matmul_gflop_per_s=1000.0, dtype="bfloat16")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"\0" * 1234)
+    weights = {
+        "llmserve": weight_bytes("llmserve", "bfloat16", [], gguf, size.params),
+        "int8": weight_bytes("llmserve", "bfloat16", ["--quantization", "int8"], gguf, size.params),
+        "llama.cpp": weight_bytes("llama.cpp", "bfloat16", [], gguf, size.params),
+    }
+    assert weights == {"llmserve": 200_000_000, "int8": 100_000_000, "llama.cpp": 1234}
+
+    # 1000 prompt + 500 answer tokens in 2 s: (2 * 80M * 1500 + 2 * 20M * 500) / 2 s = 130 GFLOP/s.
+    metrics_1 = {"total_input_tokens": 1000, "total_output_tokens": 500, "duration": 2.0, "output_throughput": 250.0}
+    rows = [
+        {"server": "llmserve", "concurrency": 1, "metrics": metrics_1},
+        {"server": "llmserve", "concurrency": 16, "metrics": metrics_1},
+    ]
+    one, many = roofline_rows(rows, ceilings, weights)
+    assert one["useful_gflop_per_s"] == pytest.approx(130.0)
+    assert one["pct_of_matmul"] == pytest.approx(13.0)
+    # one stream: 250 forwards/s x 200 MB = 50 GB/s, 250% of a 20 GB/s read (a cache would do that)
+    assert one["weight_gb_per_s"] == pytest.approx(50.0)
+    assert one["pct_of_read"] == pytest.approx(250.0)
+    assert "weight_gb_per_s" not in many  # shared forwards: not countable from the client
