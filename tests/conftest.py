@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from server_helpers import API_KEY, ServerProcess
+from tiny_model import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,15 @@ def async_client(server: ServerProcess) -> openai.AsyncOpenAI:
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama folder (tests/tiny_model.py), made once and only read by the tests."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same for Qwen3 (q/k norms)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-qwen3"), architecture="qwen3", seed=1)

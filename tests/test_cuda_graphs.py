@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import make_tiny_llama
 
 import llmserve.engine as engine_module
 from llmserve import LLM, SamplingParams, cuda_graphs
@@ -47,15 +46,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = [3, 20, 9, 14, 6, 17, 11]
 
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-qwen3"), architecture="qwen3", seed=1)
 
 
 @contextlib.contextmanager

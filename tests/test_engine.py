@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import make_tiny_llama
 
 from llmserve import LLM, SamplingParams
 from llmserve.config import EngineConfig
 from llmserve.engine import LLMEngine
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-qwen3"), architecture="qwen3", seed=1)
 
 
 @pytest.fixture()
