@@ -83,9 +83,11 @@ def built_in_model() -> tuple[Path, Path]:
     return resolve_model(None).path, builtin_gguf_path()
 
 
-def server_specs(args: argparse.Namespace) -> tuple[list[ServerSpec], dict[str, str]]:
-    """The servers to run, and for each one left out, why."""
-    model_dir, gguf = built_in_model()
+def server_specs(
+    args: argparse.Namespace, model_dir: Path, gguf: Path
+) -> tuple[list[ServerSpec], dict[str, str]]:
+    """The servers to run on the built-in model (its converted folder and its GGUF), and for each
+    one left out, why."""
     slot, parallel = slot_tokens(args), max(args.concurrencies)
     specs, skipped = [], {}
     for name in args.servers:
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
-    specs, skipped = server_specs(args)
+    model_dir, gguf = built_in_model()
+    specs, skipped = server_specs(args, model_dir, gguf)
     print("== serving comparison ==")
     print(f"  {json.dumps(info)}")
     print(f"  workload: {args.dataset}, input {args.input_len} tokens, output {args.output_len} (ignore EOS), "
@@ -208,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"  {name} skipped: {why}")
     # Probed before any server starts, so the ceilings are this machine's and not a busy one's.
-    model_dir, gguf = built_in_model()
     ceilings = Ceilings.probe(model_dir, args.dtype)
     print(f"  {ceilings.describe()}")
     extra = {"llmserve": shlex.split(args.llmserve_args), "transformers": shlex.split(args.transformers_args)}

@@ -224,39 +224,68 @@ static inline void pv_all(const float* scores, int64_t group, const T* v_cache, 
 #define LLMSERVE_AVX512 1
 #endif
 
+// The plain loops' P.V (double, head sizes not a multiple of 16, builds without AVX-512).
+template <typename T, int D>
+static void plain_pv(const float* scores, int64_t group, const T* v_cache, const int64_t* table, int64_t num_kv_heads,
+                     int64_t kvh, int64_t block_size, int64_t len, float* acc, float* row /* [D] scratch */) {
+  std::fill(acc, acc + group * D, 0.f);
+  for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+    const T* v_block = v_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
+    const int64_t n = std::min(block_size, len - t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* v = v_block + i * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) row[d] = to_f32(v[d]);
+      for (int64_t j = 0; j < group; ++j) {
+        const float p = scores[j * len + t0 + i];
+        float* aj = acc + j * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) aj[d] += p * row[d];
+      }
+    }
+  }
+}
+
 // D is a template parameter so the per-row loops are fixed-length and fully vectorised.
 template <typename T, int D>
 static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                           const int64_t* lens, T* out, int64_t batch, int64_t num_heads,
                           int64_t num_kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
+#if defined(LLMSERVE_AVX512)
+  // The vector paths; double (and head sizes that are not a multiple of 16) take the plain loops.
+  constexpr bool kVector = LLMSERVE_BLOCKED && D % 16 == 0 && !std::is_same_v<T, double>;
+#if defined(__AVX512BF16__)
+  constexpr bool kDpbf16 = kVector && std::is_same_v<T, c10::BFloat16> && D % 32 == 0;  // QK from raw bf16 q
+#else
+  constexpr bool kDpbf16 = false;
+#endif
+#else
+  constexpr bool kDpbf16 = false;
+#endif
   // Dynamic scheduling: context lengths differ a lot between sequences (and the runner sorts
   // them), so equal static chunks would leave one thread idle while another does the long ones.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> qf(group * D), acc(group * D), scores, scratch(16 * D);
+    std::vector<float> qf(group * D), acc(group * D), scores;
+    [[maybe_unused]] std::vector<float> scratch(16 * D);
 #if defined(LLMSERVE_AVX512) && defined(__AVX512BF16__)
     std::vector<__m512bh> qb(std::max<int64_t>(1, group * D / 32));  // q rows as 32 bf16 a vector
 #endif
-    alignas(64) float row[D];
-#if defined(LLMSERVE_AVX512)
-    // The vector paths; double (and head sizes that are not a multiple of 16) take the plain loops.
-    [[maybe_unused]] const bool blocked = LLMSERVE_BLOCKED && D % 16 == 0 && !std::is_same_v<T, double>;
-#else
-    [[maybe_unused]] const bool blocked = false;
-#endif
+    [[maybe_unused]] alignas(64) float row[D];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * num_kv_heads; ++task) {
       const int64_t b = task / num_kv_heads, kvh = task % num_kv_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
       const T* q_rows = q + (b * num_heads + kvh * group) * D;
-      for (int64_t i = 0; i < group * D; ++i) qf[i] = to_f32(q_rows[i]) * scale;
 #if defined(LLMSERVE_AVX512) && defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0)
+      if constexpr (kDpbf16)
         for (int64_t c = 0; c < group * D / 32; ++c)
           qb[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q_rows + c * 32));
 #endif
+      if constexpr (!kDpbf16)
+        for (int64_t i = 0; i < group * D; ++i) qf[i] = to_f32(q_rows[i]) * scale;
       scores.resize(group * len);
       // pass 1: scores[j][t] = q_j . k_t, each K row read once for all g query heads
       // Walk block by block: no integer division per token, and each block is one contiguous run.
@@ -264,21 +293,18 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         const T* k_block = k_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
         const int64_t n = std::min(block_size, len - t0);
 #if defined(LLMSERVE_AVX512)
-        if (blocked) {
+        if constexpr (kVector) {
           if (t0 + 2 * block_size < len)  // two blocks ahead: one block of work is shorter than a miss
             prefetch_block(k_cache + (table[t0 / block_size + 2] * num_kv_heads + kvh) * block_size * D,
                            block_size * D * static_cast<int64_t>(sizeof(T)));
-          if constexpr (D % 16 == 0 && !std::is_same_v<T, double>) {  // double: the plain loops
-            for (int64_t s0 = 0; s0 < n; s0 += 16) {  // blocks of 32 and more: 16 rows at a time
-              const int64_t rows = std::min<int64_t>(16, n - s0);
+          for (int64_t s0 = 0; s0 < n; s0 += 16) {  // blocks of 32 and more: 16 rows at a time
+            const int64_t rows = std::min<int64_t>(16, n - s0);
 #if defined(__AVX512BF16__)
-              if constexpr (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
-                qk_block_bf16<D>(qb.data(), group, k_block + s0 * D, rows, scores.data(), len, t0 + s0, scale);
-                continue;
-              }
+            if constexpr (kDpbf16)
+              qk_block_bf16<D>(qb.data(), group, k_block + s0 * D, rows, scores.data(), len, t0 + s0, scale);
+            else
 #endif
               qk_block<T, D>(qf.data(), group, k_block + s0 * D, rows, scores.data(), len, t0 + s0, scratch.data());
-            }
           }
           continue;
         }
@@ -297,18 +323,18 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         }
       }
       // pass 2: softmax per query head
-#if defined(LLMSERVE_AVX512)
-      if (blocked) {
-        for (int64_t j = 0; j < group; ++j) softmax16(scores.data() + j * len, len);
-      }
-#endif
-      for (int64_t j = 0; j < (blocked ? 0 : group); ++j) {
+      for (int64_t j = 0; j < group; ++j) {
         float* sj = scores.data() + j * len;
+#if defined(LLMSERVE_AVX512)
+        if constexpr (kVector) {
+          softmax16(sj, len);
+          continue;
+        }
+#endif
         float m = -INFINITY;
 #pragma omp simd reduction(max : m)
         for (int64_t t = 0; t < len; ++t) m = std::max(m, sj[t]);
         float sum = 0.f;
-        // simd + -ffast-math: glibc's vector expf (libmvec), ~10x the scalar one
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
           sj[t] = std::exp(sj[t] - m);
@@ -319,31 +345,12 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         for (int64_t t = 0; t < len; ++t) sj[t] *= inv;
       }
       // pass 3: out_j = sum_t p[j][t] * v_t, each V row read once
-      bool done = false;
 #if defined(LLMSERVE_AVX512)
-      if constexpr (D % 16 == 0 && !std::is_same_v<T, double>) {
-        if (blocked) {
-          pv_all<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data());
-          done = true;
-        }
-      }
+      if constexpr (kVector)
+        pv_all<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data());
+      else
 #endif
-      if (!done) std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; !done && t0 < len; t0 += block_size) {
-        const T* v_block = v_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
-        const int64_t n = std::min(block_size, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const T* v = v_block + i * D;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) row[d] = to_f32(v[d]);
-          for (int64_t j = 0; j < group; ++j) {
-            const float p = scores[j * len + t0 + i];
-            float* aj = acc.data() + j * D;
-#pragma omp simd
-            for (int d = 0; d < D; ++d) aj[d] += p * row[d];
-          }
-        }
-      }
+        plain_pv<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data(), row);
       T* out_rows = out + (b * num_heads + kvh * group) * D;
       for (int64_t i = 0; i < group * D; ++i) out_rows[i] = static_cast<T>(acc[i]);
     }
