@@ -38,10 +38,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-# Runnable from a checkout without installing: put the repo root on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # llmserve sets its OpenMP default (passive waiting) before torch loads, as the engine runs.
 importlib.import_module("llmserve")

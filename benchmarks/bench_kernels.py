@@ -39,11 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
-
-# Runnable from a checkout without installing: put the repo root on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # llmserve sets its OpenMP default (passive waiting) before torch loads, as the engine runs: the torch
 # reference on CPU is timed as the engine would run it. Neither import loads triton, so main() can

@@ -30,9 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Runnable from a checkout without installing: put the repo root on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 # Importing llmserve before torch sets its process-wide OpenMP default (passive waiting, unless
 # OMP_WAIT_POLICY is already set). Both engines share this process, so transformers runs under the
 # same setting: the comparison is of the engines, not of OpenMP configurations.

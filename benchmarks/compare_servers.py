@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serving and the serving package
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # llmserve, from a checkout
 
 import bench_serving
 from serving.launchers import (
