@@ -84,7 +84,7 @@ class LLMEngine:
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.sampler = Sampler(self.vocab_size, seed=mc.seed)
+        self.sampler = Sampler(self.vocab_size, seed=mc.seed, argmax=self.runner.model.ops.argmax)
 
         self.requests: dict[str, list[Request]] = {}
         self._detokenizers: dict[tuple[str, int], IncrementalDetokenizer] = {}

@@ -1,5 +1,5 @@
 """The CPU fast paths against the torch reference they replace: the fused C++ layer ops
-(kernels/csrc/layer_ops_cpu.cpp) and oneDNN-packed bf16 linears."""
+(kernels/csrc/layer_ops_cpu.cpp), oneDNN-packed bf16 linears and the bf16 LM head."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.models.layer_ops import FusedCpuLayerOps, TorchLayerOps
-from llmserve.models.packed_linear import PackedLinear, can_pack, pack_linears
+from llmserve.models.packed_linear import PackedHead, PackedLinear, can_pack, pack_linears
 from llmserve_kernels import cpu_ops
 
 H, HKV, D, BLOCK = 9, 3, 64, 16
@@ -39,9 +39,9 @@ def test_rope_and_kv_write_are_exact(fused_module, dtype: torch.dtype) -> None: 
     slots = torch.randperm(8 * BLOCK)[:num_tokens]
     caches = [torch.zeros(8, HKV, BLOCK, D, dtype=dtype) for _ in range(4)]
     q_ref = TorchLayerOps().rope_write_kv(qkv.clone(), cos, sin, slots, caches[0], caches[1], H, HKV)
-    q_fused = FusedCpuLayerOps(fused_module, dtype).rope_write_kv(
-        qkv.clone(), cos, sin, slots, caches[2], caches[3], H, HKV
-    )
+    qkv_before = qkv.clone()
+    q_fused = FusedCpuLayerOps(fused_module, dtype).rope_write_kv(qkv, cos, sin, slots, caches[2], caches[3], H, HKV)
+    assert torch.equal(qkv, qkv_before), "the fused op reads qkv and writes q, k and v elsewhere"
     assert q_fused.is_contiguous() and q_fused.shape == (num_tokens, H, D)
     assert torch.equal(q_fused, q_ref)
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
@@ -65,6 +65,37 @@ def test_bf16_norms_match_transformers_arithmetic(fused_module, num_tokens: int)
     torch.testing.assert_close(out_fused, out_ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("num_tokens", "width"), [(1, 1536), (64, 1536), (300, 1536), (5, 37), (3, 100)])
+def test_silu_mul_is_bit_exact(fused_module, dtype: torch.dtype, num_tokens: int, width: int) -> None:  # type: ignore[no-untyped-def]
+    if not fused_module.exact_silu() or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("the fused SiLU is exact (and used) only where torch runs its AVX-512 kernels")
+    torch.manual_seed(num_tokens * width)
+    gate_up = (torch.randn(num_tokens, 2 * width) * 4).to(dtype)  # [T, 2I]
+    gate_up[0, :5] = torch.tensor([0.0, -0.0, 80.0, -80.0, -300.0]).to(dtype)  # exp at its edges
+    ops = FusedCpuLayerOps(fused_module, dtype)
+    assert ops._fused_silu
+    out = ops.silu_mul(gate_up)
+    assert out.shape == (num_tokens, width) and out.is_contiguous()
+    # the widths not a multiple of the vector step exercise the scalar tail of each row
+    assert torch.equal(out, TorchLayerOps().silu_mul(gate_up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_rows_matches_torch_with_ties_and_nan(fused_module, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    x = torch.randn(16, 49157).to(dtype)
+    x[1, 100] = x[1, 3000] = 1e3  # a tie: the first one wins
+    x[2, 49156] = 1e3  # the maximum in the scalar tail
+    x[3, 70] = float("nan")  # NaN counts as the maximum, as in torch
+    x[4] = 0.5  # all equal
+    x[5, 9] = x[5, 40000] = float("nan")
+    ops = FusedCpuLayerOps(fused_module, dtype)
+    for rows in (x, x[:, :49152], x[7:9]):  # strided rows too
+        assert torch.equal(ops.argmax(rows), rows.max(dim=-1).indices)
+    assert ops.argmax(x)[:6].tolist() == [int(x[0].float().argmax()), 100, 49156, 70, 0, 9]
+
+
 def test_float32_keeps_torch_norm(fused_module) -> None:  # type: ignore[no-untyped-def]
     x, weight = torch.randn(16, 576), torch.rand(576) + 0.5
     assert torch.equal(FusedCpuLayerOps(fused_module, torch.float32).norm(x, weight, 1e-6),
@@ -79,6 +110,15 @@ def test_packed_linear_matches_f_linear(rows: int) -> None:
     packed = PackedLinear(linear.weight, linear.bias)
     x = torch.randn(rows, 576).bfloat16()
     torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 7, 8, 64])  # both sides of MIN_ROWS_PLAIN
+def test_packed_head_matches_f_linear(rows: int) -> None:
+    torch.manual_seed(rows)
+    weight = torch.randn(1000, 576).bfloat16() * 0.05
+    x = torch.randn(rows, 576).bfloat16()
+    torch.testing.assert_close(PackedHead(weight)(x), F.linear(x, weight), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")

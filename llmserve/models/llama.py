@@ -115,8 +115,7 @@ class LlamaLayer(nn.Module):
         attn = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         x = self.o_proj(attn.reshape(num_tokens, self.q_size))  # [T, hidden]
         h = ops.add_norm(x, residual, self.post_attn_norm, eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up), residual
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(h))), residual  # gate_up [T, 2I] -> [T, I]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -130,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
         self.ops: LayerOps = TorchLayerOps()  # the runner may swap in fused ones
-        self.packed_head: nn.Module | None = None  # the LM head as a module: PackedLinear (bf16 on CPU) or a quantizer's (int8)
+        self.packed_head: nn.Module | None = None  # the LM head as a module: PackedHead (bf16 on CPU) or a quantizer's (int8)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed per step from positions, in float32 exactly as transformers does it.
