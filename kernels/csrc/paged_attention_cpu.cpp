@@ -265,6 +265,8 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
 #endif
   // Dynamic scheduling: context lengths differ a lot between sequences (and the runner sorts
   // them), so equal static chunks would leave one thread idle while another does the long ones.
+  // A chunk is one sequence's KV heads, so two threads never share a sequence's blocks: measured
+  // at 64 sequences of 55-110 tokens, 2 threads, 30 layers, 15.4 -> ~11 ms with the prefetch below.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> qf(group * D), acc(group * D), scores;
@@ -273,12 +275,24 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
     std::vector<__m512bh> qb(std::max<int64_t>(1, group * D / 32));  // q rows as 32 bf16 a vector
 #endif
     [[maybe_unused]] alignas(64) float row[D];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, num_kv_heads)
     for (int64_t task = 0; task < batch * num_kv_heads; ++task) {
       const int64_t b = task / num_kv_heads, kvh = task % num_kv_heads;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
       const T* q_rows = q + (b * num_heads + kvh * group) * D;
+#if defined(LLMSERVE_AVX512)
+      if constexpr (kVector) {
+        // The passes below prefetch two blocks ahead, so the first two of K and of V would be
+        // demand misses, one after another: ask for all four now, V's while QK runs (7-9% at
+        // ~100-token contexts).
+        const int64_t head_bytes = block_size * D * static_cast<int64_t>(sizeof(T));
+        for (int64_t i = 0; i < std::min<int64_t>(2, (len + block_size - 1) / block_size); ++i) {
+          prefetch_block(k_cache + (table[i] * num_kv_heads + kvh) * block_size * D, head_bytes);
+          prefetch_block(v_cache + (table[i] * num_kv_heads + kvh) * block_size * D, head_bytes);
+        }
+      }
+#endif
 #if defined(LLMSERVE_AVX512) && defined(__AVX512BF16__)
       if constexpr (kDpbf16)
         for (int64_t c = 0; c < group * D / 32; ++c)
