@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 
-# llmserve sets its OpenMP default (passive waiting) before torch loads, as the engine runs.
+# llmserve sets its OpenMP default (a short spin, then sleep) before torch loads, as the engine runs.
 importlib.import_module("llmserve")
 
 import torch  # noqa: E402

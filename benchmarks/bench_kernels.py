@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-# llmserve sets its OpenMP default (passive waiting) before torch loads, as the engine runs: the torch
+# llmserve sets its OpenMP default (a short spin, then sleep) before torch loads, as the engine runs: the torch
 # reference on CPU is timed as the engine would run it. Neither import loads triton, so main() can
 # still set TRITON_INTERPRET.
 importlib.import_module("llmserve")

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Importing llmserve before torch sets its process-wide OpenMP default (passive waiting, unless
-# OMP_WAIT_POLICY is already set). Both engines share this process, so transformers runs under the
+# Importing llmserve before torch sets its process-wide OpenMP default (a short spin, then sleep,
+# unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is already set). Both engines share this process, so transformers runs under the
 # same setting: the comparison is of the engines, not of OpenMP configurations.
 importlib.import_module("llmserve")
 
@@ -337,6 +337,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "git_commit": git_commit(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset"),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -344,8 +345,9 @@ def machine_info() -> dict[str, Any]:
 def print_table(results: list[Result]) -> None:
     base = next((r for r in results if r.engine == "transformers"), None)
     # "cpu use" is this process's CPU time over wall time x threads. Under 100% means cores sat idle
-    # for it: single-threaded stretches (Python, with OpenMP waiting passively), or other processes
-    # holding the cores. With one thread it reads ~100% unless another process took the core.
+    # for it: single-threaded stretches (Python, with OpenMP workers asleep), or other processes
+    # holding the cores; a worker spinning between parallel regions counts as busy. With one thread
+    # it reads ~100% unless another process took the core.
     threads = torch.get_num_threads()
     print(f"  {'engine':<13}{'wall s':>9}{'cpu use':>9}{'req/s':>8}{'out tok/s':>11}{'total tok/s':>13}"
           f"{'vs transformers':>17}")  # fmt: skip

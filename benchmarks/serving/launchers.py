@@ -124,13 +124,16 @@ def transformers_spec(
         command += ["--cb-num-blocks", str(pages)]
     command += extra_args
     # Offline: the model is a local folder, and the CLI's update check must not reach out. Passive
-    # OpenMP waiting, as llmserve sets for itself: a server has other threads that want the cores.
+    # OpenMP waiting as llmserve sets it for itself (llmserve/__init__.py: a short spin, then
+    # sleep), unless the environment chooses: a server has other threads that want the cores.
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        env["GOMP_SPINCOUNT"] = "10000"
+    openmp = ", ".join(f"{k}={v}" for k, v in env.items() if k.startswith(("OMP_", "GOMP_"))) or "OpenMP from the environment"
     return ServerSpec(
         name="transformers", command=command, env=env, model=str(model_dir), ignore_eos_field=False,
         extra_body={"generation_config": json.dumps({"eos_token_id": -1})},
-        description=f"transformers serve --continuous-batching, {dtype}, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}",
+        description=f"transformers serve --continuous-batching, {dtype}, {openmp}",
     )  # fmt: skip
 
 
