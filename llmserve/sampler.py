@@ -40,7 +40,8 @@ class Sampler:
     ) -> None:
         self.vocab_size = vocab_size
         self.seed = seed
-        # [B, V] -> [B] long, first maximum on ties: the model's layer ops bring a faster one on CPU.
+        # [B, V] -> [B] long, first maximum on ties: the model's layer ops bring a faster one on CPU
+        # (LayerOps.argmax).
         self._argmax = argmax or _argmax
         # Generators are device-bound, and the device is only known once logits arrive.
         self._shared_generators: dict[torch.device, torch.Generator] = {}

@@ -90,10 +90,11 @@ def test_argmax_rows_matches_torch_with_ties_and_nan(fused_module, dtype: torch.
     x[3, 70] = float("nan")  # NaN counts as the maximum, as in torch
     x[4] = 0.5  # all equal
     x[5, 9] = x[5, 40000] = float("nan")
-    ops = FusedCpuLayerOps(fused_module, dtype)
+    argmax = FusedCpuLayerOps(fused_module, dtype).argmax
+    assert argmax is not None and TorchLayerOps().argmax is None
     for rows in (x, x[:, :49152], x[7:9]):  # strided rows too
-        assert torch.equal(ops.argmax(rows), rows.max(dim=-1).indices)
-    assert ops.argmax(x)[:6].tolist() == [int(x[0].float().argmax()), 100, 49156, 70, 0, 9]
+        assert torch.equal(argmax(rows), rows.max(dim=-1).indices)
+    assert argmax(x)[:6].tolist() == [int(x[0].float().argmax()), 100, 49156, 70, 0, 9]
 
 
 def test_float32_keeps_torch_norm(fused_module) -> None:  # type: ignore[no-untyped-def]

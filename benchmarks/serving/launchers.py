@@ -123,7 +123,7 @@ def transformers_spec(
         pages = math.ceil(1.1 * parallel * math.ceil(slot_tokens / TRANSFORMERS_PAGE_SIZE))
         command += ["--cb-num-blocks", str(pages)]
     command += extra_args
-    # Offline: the model is a local folder, and the CLI's update check must not reach out. Passive
+    # Offline: the model is a local folder, and the CLI's update check must not reach out.
     # OpenMP waiting as llmserve sets it for itself (llmserve/__init__.py: a short spin, then
     # sleep), unless the environment chooses: a server has other threads that want the cores.
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}

@@ -194,7 +194,7 @@ void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
   const int64_t rows = gate_up.size(0), n = out.size(1), stride = gate_up.stride(0);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  // Two threads only pay off above ~64k elements (a passive OpenMP wake-up is ~20-50 us).
+  // Two threads only pay off above ~64k elements (waking a sleeping OpenMP worker is ~20-50 us).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) silu_mul_row(gp + r * stride, gp + r * stride + n, op + r * n, n);
