@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llmserve import LLM, SamplingParams  # noqa: E402
+from llmserve.int4_linear import GROUP, pack_groups, quantize_groups  # noqa: E402
 from llmserve.int8_linear import quantize_rows  # noqa: E402
 from llmserve.models.packed_linear import PackedLinear  # noqa: E402
 from llmserve_kernels import cpu_ops  # noqa: E402
@@ -73,23 +74,38 @@ def step_shapes() -> list[tuple[int, int]]:
 
 
 def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
-    """The three implementations over `copies` distinct copies of one step's weights."""
-    ops = cpu_ops.load_int8_ops()
-    if ops is None:
-        sys.exit("the C++ int8 kernel did not build (see the log)")
+    """The four implementations over `copies` distinct copies of one step's weights."""
+    ops, ops4 = cpu_ops.load_int8_ops(), cpu_ops.load_int4_ops()
+    if ops is None or ops4 is None:
+        sys.exit("the C++ int8 or int4 kernel did not build (see the log)")
     gen = torch.Generator().manual_seed(0)
     int8: list[tuple[torch.Tensor, torch.Tensor]] = []
+    int4: list[tuple[int, torch.Tensor]] = []  # (N, packed groups); the LM head stays int8 (as in the engine)
+    heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # the int8 LM heads, for the int4 step
+    int4_bytes = 0
     plain: list[torch.Tensor] = []
     packed: list[PackedLinear] = []
     for n, k in step_shapes() * copies:
         weight = (torch.randn(n, k, generator=gen) * k**-0.5).bfloat16()
         codes, scales = quantize_rows(weight)
         int8.append((ops.int8_pack(codes), scales))
+        if n != VOCAB:
+            int4.append((n, pack_groups(*quantize_groups(weight))))
+            int4_bytes += int4[-1][1].numel()
+        else:
+            heads.append(int8[-1])
+            int4_bytes += n * k
         plain.append(weight)
         packed.append(PackedLinear(weight))
 
     def run_int8(xs: dict[int, torch.Tensor]) -> None:
         for w, s in int8:
+            ops.int8_linear(xs[w.shape[1]], w, s, None)
+
+    def run_int4(xs: dict[int, torch.Tensor]) -> None:
+        for n, w in int4:
+            ops4.int4_linear(xs[w.shape[1] * GROUP], w, n, None)
+        for w, s in heads:
             ops.int8_linear(xs[w.shape[1]], w, s, None)
 
     def run_packed(xs: dict[int, torch.Tensor]) -> None:
@@ -101,15 +117,22 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
             F.linear(xs[w.shape[1]], w)
 
     weights = sum(n * k for n, k in step_shapes()) * copies
-    steps = {"int8 kernel": run_int8, "bf16 packed": run_packed, "bf16 F.linear": run_plain}
-    return steps, {"int8 kernel": weights, "bf16 packed": 2 * weights, "bf16 F.linear": 2 * weights}
+    steps = {
+        "int4 kernel": run_int4,
+        "int8 kernel": run_int8,
+        "bf16 packed": run_packed,
+        "bf16 F.linear": run_plain,
+    }
+    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights, "bf16 packed": 2 * weights}
+    return steps, nbytes | {"bf16 F.linear": 2 * weights}
 
 
 def time_matmuls(label: str, copies: int, rows: list[int], reps: int) -> None:
     steps, nbytes = build(copies)
     print(f"\n{label}: {copies} cop{'y' if copies == 1 else 'ies'} of the step's "
           f"{len(step_shapes())} matmuls "
-          f"({nbytes['int8 kernel'] / 1e6:.0f} MB int8, {nbytes['bf16 packed'] / 1e6:.0f} MB bf16); "
+          f"({nbytes['int4 kernel'] / 1e6:.0f} MB int4 + int8 head, {nbytes['int8 kernel'] / 1e6:.0f} MB int8, "
+          f"{nbytes['bf16 packed'] / 1e6:.0f} MB bf16); "
           f"ms per step = best of {reps} / {copies}, GB/s = weight bytes / time")  # fmt: skip
     print(f"{'M':>3}  " + "  ".join(f"{name:>22}" for name in steps))
     for m in rows:
@@ -134,7 +157,11 @@ def time_decode(tokens: int, runs: int) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     print(f"\ndecode: one stream, {tokens} greedy tokens (ignore_eos), best of {runs} runs")
     results = {}
-    for name, kwargs in [("bf16", {}), ("bf16 + int8", {"quantization": "int8"})]:
+    for name, kwargs in [
+        ("bf16", {}),
+        ("bf16 + int8", {"quantization": "int8"}),
+        ("bf16 + int4", {"quantization": "int4"}),
+    ]:
         llm = LLM(dtype="bfloat16", **kwargs)
         llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
         seconds = []
@@ -148,7 +175,10 @@ def time_decode(tokens: int, runs: int) -> None:
         print(f"  {name:12s} {tokens / best:6.1f} tok/s  ({best / tokens * 1e3:.2f} ms/token, "
               f"median run {statistics.median(seconds):.2f} s)")  # fmt: skip
         del llm
-    print(f"  int8 speed-up: {results['bf16 + int8'] / results['bf16']:.2f}x")
+    print(
+        f"  speed-up over bf16: int8 {results['bf16 + int8'] / results['bf16']:.2f}x, "
+        f"int4 {results['bf16 + int4'] / results['bf16']:.2f}x"
+    )
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The C++ CPU kernels, compiled on first use: decode attention (csrc/paged_attention_cpu.cpp),
-the fused per-layer elementwise ops (csrc/layer_ops_cpu.cpp), and the weight-only int8 matmul
-(csrc/int8_gemv_cpu.cpp).
+varlen prefill attention (csrc/prefill_attention_cpu.cpp), the fused per-layer elementwise ops
+(csrc/layer_ops_cpu.cpp), and the weight-only int8 and int4 matmuls (csrc/int8_gemv_cpu.cpp,
+csrc/int4_gemv_cpu.cpp).
 
 torch's cpp_extension builds it with the machine's C++ compiler into ~/.cache/torch_extensions
 (tens of seconds each, once per machine). Where one cannot be built, its loader returns None and
@@ -73,4 +74,45 @@ def load_int8_ops() -> ModuleType | None:
         )
     except Exception as exc:
         logger.warning("C++ int8 matmul unavailable (%s)", exc)
+        return None
+
+
+@functools.cache
+def load_int4_ops() -> ModuleType | None:
+    """The 4-bit group-quantized matmul for decode steps (csrc/int4_gemv_cpu.cpp), or None."""
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("loading the C++ int4 matmul (compiled once per machine)")
+        return cpp_extension.load(
+            name="llmserve_int4_gemv_cpu",
+            sources=[str(_CSRC / "int4_gemv_cpu.cpp")],
+            # No -ffast-math and no FMA contraction: the scalar fallback must give the vector path's bits.
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:
+        logger.warning("C++ int4 matmul unavailable (%s)", exc)
+        return None
+
+
+PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the prefill kernel is instantiated for
+
+
+@functools.cache
+def load_prefill() -> ModuleType | None:
+    """The varlen prefill attention over the paged cache (csrc/prefill_attention_cpu.cpp), or None."""
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("loading the C++ prefill-attention kernel (compiled once per machine)")
+        return cpp_extension.load(
+            name="llmserve_prefill_attention_cpu",
+            sources=[str(_CSRC / "prefill_attention_cpu.cpp")],
+            # No -ffast-math: it lets the compiler assume no infinities, and the causal mask is -inf.
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:
+        logger.warning("C++ prefill-attention kernel unavailable (%s); using the torch reference", exc)
         return None

@@ -25,11 +25,13 @@ _FLAG_HELP = {
     "model.max_model_len": "context window in tokens (prompt + completion); None: the model's own",
     "model.seed": "seed for requests that give none, so a server run is reproducible end to end",
     "model.attention_backend": "auto (on CUDA the Triton kernels if triton is installed, else torch; on CPU "
-    "the C++ decode kernel, compiled on first use, else torch), torch (the reference), cpp (CPU), or triton "
-    "(CUDA; on CPU only with TRITON_INTERPRET=1, Triton's slow interpreter, for tests)",
+    "the C++ decode and prefill kernels, compiled on first use, else torch), torch (the reference), cpp "
+    "(CPU), or triton (CUDA; on CPU only with TRITON_INTERPRET=1, Triton's slow interpreter, for tests)",
     "model.num_threads": "torch intra-op threads; None: torch's choice",
     "model.quantization": "quantize the linear layers' weights at load: int8 (CPU, float32 or bfloat16: "
-    "per-row int8 weights and LM head, a C++ kernel for decode steps) or, with bitsandbytes, bnb-8bit "
+    "per-row int8 weights and LM head, a C++ kernel for decode steps), int4 (CPU: 4-bit groups of 32 as in "
+    "GGUF Q4_1, lossless on the built-in model, int8 LM head, a C++ VNNI kernel for decode steps) or, with "
+    "bitsandbytes, bnb-8bit "
     "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",
     "model.enforce_eager": "run every step eagerly; without it, pure-decode steps on CUDA replay CUDA "
     "graphs captured at start-up (on CPU every step is eager anyway)",

@@ -16,7 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
-QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8")  # each a quantizer registered in llmserve/quantization.py
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8", "int4")  # each a quantizer registered in llmserve/quantization.py
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # seeds unseeded sampling, so a server run is reproducible end to end
-    attention_backend: str = "auto"  # auto: Triton on CUDA, the C++ decode kernel on CPU; else torch
+    attention_backend: str = "auto"  # auto: Triton on CUDA, the C++ attention kernels on CPU; else torch
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     quantization: str | None = None  # None: weights stay in dtype; else one of QUANTIZATIONS
     enforce_eager: bool = False  # True: no CUDA graphs, every step eager (CPU steps always are)

@@ -36,6 +36,7 @@ memory, is what this method buys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -54,16 +55,29 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def check(device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The compiled kernels, or ValueError when int8 cannot run on `device` in `dtype`."""
-    if device.type != "cpu":
-        raise ValueError(f"quantization 'int8' runs on the CPU only, not on {device} (use bnb-8bit on CUDA)")
-    if dtype not in DTYPES:
-        raise ValueError(f"quantization 'int8' needs dtype float32 or bfloat16, not {dtype}")
     from llmserve_kernels import cpu_ops
 
-    ops = cpu_ops.load_int8_ops()
+    return check_cpu_kernel("int8", device, dtype, cpu_ops.load_int8_ops, cuda_hint="bnb-8bit")
+
+
+def check_cpu_kernel(
+    method: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    load: Callable[[], ModuleType | None],
+    cuda_hint: str,
+) -> ModuleType:
+    """`load()`'s compiled kernel for quantization `method`, or ValueError naming why it cannot run."""
+    if device.type != "cpu":
+        raise ValueError(
+            f"quantization {method!r} runs on the CPU only, not on {device} (use {cuda_hint} on CUDA)"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"quantization {method!r} needs dtype float32 or bfloat16, not {dtype}")
+    ops = load()
     if ops is None:
         raise ValueError(
-            "quantization 'int8' needs the C++ int8 kernel, which could not be built (see the log)"
+            f"quantization {method!r} needs the C++ {method} kernel, which could not be built (see the log)"
         )
     return ops
 

@@ -3,10 +3,13 @@
 A method is looked up by its name (`ModelConfig.quantization`) in a registry of `LinearQuantizer`s;
 a new one is a subclass plus `@register("name")`, and its name added to `config.QUANTIZATIONS`.
 The embedding and the LM head are raw Parameters, not `nn.Linear`, so they stay in the model
-dtype, unless the method's `quantize_head` gives the runner a module for the head (int8 does).
+dtype, unless the method's `quantize_head` gives the runner a module for the head (int8 and int4 do).
 
 - `int8` (CPU): per-row symmetric int8 weights, the LM head included; our C++ kernel for steps of
   up to 10 rows, a bf16 GEMM over the same codes beyond (llmserve/int8_linear.py).
+- `int4` (CPU): GGUF Q4_1 groups (32 weights, a float16 scale and offset each) for the linear
+  layers, the LM head int8 as above; our C++ kernel (int8 activations, VNNI) for steps of up to 8
+  rows, a bf16 GEMM over the dequantized weights beyond (llmserve/int4_linear.py).
 
 bitsandbytes is imported only when a `bnb-*` method is asked for:
 
@@ -167,6 +170,24 @@ class CpuInt8(LinearQuantizer):
 
     def weight_bytes(self, module: nn.Module) -> int:
         return module.weight_bytes()  # type: ignore[operator]
+
+
+@register("int4")
+class CpuInt4(CpuInt8):
+    """Q4_1 groups for the linear layers with our VNNI kernel, the LM head int8; llmserve/int4_linear.py."""
+
+    ops4: ModuleType | None = None  # the compiled int4 kernel, set by check()
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        from llmserve import int4_linear
+
+        self.ops4 = int4_linear.check(device, dtype)
+        super().check(device, dtype)  # the int8 kernel, for the head
+
+    def quantize(self, linear: nn.Linear) -> nn.Module:
+        from llmserve.int4_linear import Int4Linear
+
+        return Int4Linear(linear.weight, linear.bias, ops=self.ops4, pack=self.pack)
 
 
 # ---- bitsandbytes ----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_invalid_quantization_is_a_value_error_naming_the_field() -> None:
     with pytest.raises(ValueError, match="quantization must be one of"):
         ModelConfig(quantization="bnb-3bit")
     with pytest.raises(ValueError, match="quantization"):
-        LLM(quantization="int4")
+        LLM(quantization="int2")
     assert ModelConfig().quantization is None
 
 
