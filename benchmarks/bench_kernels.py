@@ -1,12 +1,17 @@
-"""Paged-attention kernels: the Triton kernels against the torch reference, time per call and bandwidth.
+"""Paged-attention kernels against the torch reference, time per call and bandwidth: the Triton kernels
+on a GPU, the C++ kernels (kernels/csrc) on a CPU.
 
     python benchmarks/bench_kernels.py                  # on a CUDA GPU: Llama-3-8B-like heads, bf16
     python benchmarks/bench_kernels.py --dtype float16 --block-size 32
-    python benchmarks/bench_kernels.py --smoke          # tiny shapes; the default without a GPU
+    python benchmarks/bench_kernels.py --threads 2      # on a CPU: SmolLM2-135M heads, the C++ kernels
+    python benchmarks/bench_kernels.py --smoke          # tiny shapes, with Triton's interpreter on a CPU
 
-Without a CUDA device the Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set
-here before triton is imported): the figures then only show that the script and the kernels run,
-and that their outputs agree; interpreter timings say nothing about a GPU.
+Without a CUDA device the C++ kernels are timed against the torch path the engine would otherwise
+take, at SmolLM2-135M's head shape (H=9, Hkv=3, D=64) and prefill steps of the CPU engine: one
+512-token chunk, eight chunks of 62 tokens, 256 new tokens after a 256-token cached prefix. With
+--smoke (tiny shapes) the Triton kernels run too, under Triton's CPU interpreter (TRITON_INTERPRET=1,
+set here before triton is imported), when triton is installed: those figures only show that the
+script and the kernels run and agree; interpreter timings say nothing about a GPU.
 
 Bandwidth arithmetic. One call of each kernel needs every cached K and V row of its sequences once:
 
@@ -24,12 +29,14 @@ is the figure to hold against the GPU's HBM peak (A100 80GB: 2.0 TB/s, H100 SXM:
     flops = 4 * H * D * sum over query tokens of the keys it sees (prefix + its own position + 1)
 
 (QK^T and PV, 2 FLOP per multiply-add each), against the tensor-core peak (H100 SXM dense bf16:
-~990 TFLOP/s).
+~990 TFLOP/s). On a CPU the useful comparison is against the cores' FMA peak: 2 x 16 fp32 lanes x 2
+FLOP per cycle per core with AVX-512 (~131 GFLOP/s a core at 2 GHz), or AMX tiles for bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -76,16 +83,20 @@ GPU_PREFILL = [PrefillShape(((0, 2048),)), PrefillShape(((0, 512),) * 4), Prefil
 SMOKE_HEADS = Heads(4, 2, 64)
 SMOKE_DECODE = [DecodeShape(2, 40), DecodeShape(4, 33)]
 SMOKE_PREFILL = [PrefillShape(((0, 20),)), PrefillShape(((16, 8), (5, 11)))]
+CPU_HEADS = Heads(9, 3, 64)  # SmolLM2-135M (the built-in model): g = 3
+CPU_DECODE = [DecodeShape(16, 300), DecodeShape(64, 300)]
+CPU_PREFILL = [PrefillShape(((0, 512),)), PrefillShape(((0, 62),) * 8), PrefillShape(((256, 256),))]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny shapes (the default without a CUDA device)"
+        "--smoke", action="store_true", help="tiny shapes; on a CPU with the Triton interpreter too"
     )
     parser.add_argument(
         "--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on GPU, float32 else"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) threads on CPU")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument(
         "--reps", type=int, default=None, help="timed calls per measurement (CPU timing only)"
@@ -125,21 +136,33 @@ def time_call(fn: Callable[[], torch.Tensor], device: str, reps: int) -> float:
 
 
 def report(
-    name: str, triton_s: float, torch_s: float, kv_bytes: int, flops: int | None, max_diff: float
+    name: str, seconds: dict[str, float], diffs: dict[str, float], kv_bytes: int, flops: int | None
 ) -> None:
-    def line(label: str, seconds: float) -> str:
-        text = f"{seconds * 1e6:10.1f} us  {kv_bytes / seconds / 1e9:8.3g} GB/s"
+    """One line per implementation; `seconds` has "torch", the baseline, and the kernels timed against it."""
+
+    def line(label: str, t: float) -> str:
+        text = f"{t * 1e6:10.1f} us  {kv_bytes / t / 1e9:8.3g} GB/s"
         if flops is not None:
-            text += f"  {flops / seconds / 1e12:8.3g} TFLOP/s"
+            text += f"  {flops / t / 1e12:8.3g} TFLOP/s"
+        if label != "torch":
+            text += f"   {seconds['torch'] / t:5.3g}x torch, max |diff| {diffs[label]:.1e}"
         return f"  {label:<7}{text}"
 
-    print(f"{name}  (K/V {kv_bytes / 2**20:.3g} MiB, max |triton - torch| {max_diff:.2e})")
-    print(line("triton", triton_s))
-    print(line("torch", torch_s) + f"   triton speed-up {torch_s / triton_s:.3g}x")
+    print(f"{name}  (K/V {kv_bytes / 2**20:.3g} MiB)")
+    for label, t in seconds.items():
+        print(line(label, t))
 
 
-def bench_decode(tpa: ModuleType, heads: Heads, shape: DecodeShape, block_size: int, dtype: torch.dtype,
-                 device: str, reps: int) -> None:  # fmt: skip
+def run_all(fns: dict[str, Callable[[], torch.Tensor]], device: str, reps: int
+            ) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Seconds per call of each, and each kernel's largest difference from the torch output."""
+    expected = fns["torch"]().float()
+    diffs = {k: (fn().float() - expected).abs().max().item() for k, fn in fns.items() if k != "torch"}
+    return {k: time_call(fn, device, reps) for k, fn in fns.items()}, diffs
+
+
+def bench_decode(kernels: dict[str, ModuleType], heads: Heads, shape: DecodeShape, block_size: int,
+                 dtype: torch.dtype, device: str, reps: int) -> None:  # fmt: skip
     from llmserve_kernels import decode_mask, gather_index, paged_attention_decode
 
     lens = [shape.context] * shape.batch
@@ -151,27 +174,21 @@ def bench_decode(tpa: ModuleType, heads: Heads, shape: DecodeShape, block_size: 
     index = gather_index(tables, heads.num_kv_heads)  # [B, Hkv, nblk]
     mask = decode_mask(context_lens, tables.shape[1] * block_size, torch.float32)  # [B, 1, 1, nblk * bs]
 
-    def run_triton() -> torch.Tensor:
-        return tpa.paged_attention_decode(q, k_cache, v_cache, tables, context_lens, scale)
-
-    def run_torch() -> torch.Tensor:
-        return paged_attention_decode(q, k_cache, v_cache, index, mask, scale)
-
-    max_diff = (run_triton().float() - run_torch().float()).abs().max().item()
+    fns: dict[str, Callable[[], torch.Tensor]] = {
+        "torch": lambda: paged_attention_decode(q, k_cache, v_cache, index, mask, scale)
+    }
+    for label, module in kernels.items():  # both take the block tables and lengths as they are
+        fns[label] = functools.partial(
+            module.paged_attention_decode, q, k_cache, v_cache, tables, context_lens, scale
+        )
     kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
-    name = f"decode  B={shape.batch:<4} context={shape.context:<5}"
     report(
-        name,
-        time_call(run_triton, device, reps),
-        time_call(run_torch, device, reps),
-        kv_bytes,
-        None,
-        max_diff,
+        f"decode  B={shape.batch:<4} context={shape.context:<5}", *run_all(fns, device, reps), kv_bytes, None
     )
 
 
-def bench_prefill(tpa: ModuleType, heads: Heads, shape: PrefillShape, block_size: int, dtype: torch.dtype,
-                  device: str, reps: int) -> None:  # fmt: skip
+def bench_prefill(kernels: dict[str, ModuleType], heads: Heads, shape: PrefillShape, block_size: int,
+                  dtype: torch.dtype, device: str, reps: int) -> None:  # fmt: skip
     from llmserve_kernels import gather_index, paged_attention_prefill
 
     lens = [start + n for start, n in shape.chunks]
@@ -190,66 +207,102 @@ def bench_prefill(tpa: ModuleType, heads: Heads, shape: PrefillShape, block_size
         for i, c in enumerate(lens)
     ]
 
-    def run_triton() -> torch.Tensor:
-        return tpa.paged_attention_prefill_varlen(
-            q, k_cache, v_cache, tables, cu_seqlens, context_lens, scale, max_n
-        )
-
     def run_torch() -> torch.Tensor:  # the engine's torch path: one SDPA call per chunk
         return torch.cat([
             paged_attention_prefill(q[cu[i] : cu[i + 1]], k_cache, v_cache, indexes[i], start, scale)
             for i, (start, _) in enumerate(shape.chunks)
         ])  # fmt: skip
 
-    max_diff = (run_triton().float() - run_torch().float()).abs().max().item()
+    fns: dict[str, Callable[[], torch.Tensor]] = {"torch": run_torch}
+    for label, module in kernels.items():  # one call for all the chunks
+        fns[label] = functools.partial(
+            module.paged_attention_prefill_varlen,
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            cu_seqlens,
+            context_lens,
+            scale,
+            max_n,
+        )
     kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
     # query i of a chunk sees prefix + i + 1 keys: n * prefix + n * (n + 1) / 2 (query, key) pairs
     pairs = sum(n * start + n * (n + 1) // 2 for start, n in shape.chunks)
     flops = 4 * heads.num_heads * heads.head_dim * pairs
-    name = "prefill chunks=" + ",".join(f"{s}+{n}" for s, n in shape.chunks)
-    report(
-        name,
-        time_call(run_triton, device, reps),
-        time_call(run_torch, device, reps),
-        kv_bytes,
-        flops,
-        max_diff,
-    )
+    chunks = [f"{s}+{n}" for s, n in shape.chunks]
+    if len(set(chunks)) == 1 and len(chunks) > 1:
+        chunks = [f"{len(chunks)}x{chunks[0]}"]
+    report("prefill chunks=" + ",".join(chunks), *run_all(fns, device, reps), kv_bytes, flops)
+
+
+def load_kernels(
+    on_gpu: bool, smoke: bool, heads: Heads
+) -> tuple[dict[str, ModuleType], dict[str, ModuleType]]:
+    """(decode kernels, prefill kernels) by label: Triton on a GPU (or interpreted, on CPU with --smoke),
+    the C++ kernels on a CPU. Each module has the functions of triton_paged_attention's signatures."""
+    decode: dict[str, ModuleType] = {}
+    prefill: dict[str, ModuleType] = {}
+    if on_gpu or smoke:
+        if not on_gpu:
+            # Must precede the first `import triton` (triton reads it when its own functions are jitted).
+            os.environ["TRITON_INTERPRET"] = "1"
+        from llmserve_kernels import triton_paged_attention as tpa
+
+        if tpa.available():
+            decode["triton"] = prefill["triton"] = tpa
+        elif on_gpu:
+            sys.exit("triton is not installed: pip install triton")
+        else:
+            print("(triton is not installed: the Triton kernels are left out)")
+    if not on_gpu:
+        from llmserve_kernels import cpu_ops
+
+        if heads.head_dim in cpu_ops.HEAD_DIMS and (module := cpu_ops.load()) is not None:
+            decode["cpp"] = module
+        if heads.head_dim in cpu_ops.PREFILL_HEAD_DIMS and (module := cpu_ops.load_prefill()) is not None:
+            prefill["cpp"] = module
+    return decode, prefill
 
 
 def main() -> None:
     args = parse_args()
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-    if not on_gpu:
-        # Must precede the first `import triton` (triton reads it when its own functions are jitted).
-        os.environ["TRITON_INTERPRET"] = "1"
-    from llmserve_kernels import triton_paged_attention as tpa
-
-    if not tpa.available():
-        sys.exit("triton is not installed: pip install triton")
-    import triton
-
-    smoke = args.smoke or not on_gpu
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    smoke = args.smoke
     device = "cuda" if on_gpu else "cpu"
     dtype = _DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    heads = SMOKE_HEADS if smoke else GPU_HEADS
-    reps = args.reps or (3 if not on_gpu else 20)
-    where = (
-        torch.cuda.get_device_name()
-        if on_gpu
-        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-    )
-    print(f"paged attention: Triton kernels vs the torch reference (gather + matmul / SDPA), on {where}")
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {str(dtype).removeprefix('torch.')}, "
+    heads = SMOKE_HEADS if smoke else GPU_HEADS if on_gpu else CPU_HEADS
+    decode_kernels, prefill_kernels = load_kernels(on_gpu, smoke, heads)
+    interpreted = not on_gpu and "triton" in decode_kernels
+    reps = args.reps or (3 if interpreted else 20)
+    if on_gpu:
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+        if interpreted:
+            where += ", Triton interpreter"
+    names = sorted(set(decode_kernels) | set(prefill_kernels), reverse=True)
+    print(f"paged attention: {' and '.join(names) or 'no'} kernels vs the torch reference "
+          f"(gather + matmul / SDPA), on {where}")  # fmt: skip
+    versions = f"torch {torch.__version__}"
+    if "triton" in decode_kernels:
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    if "cpp" in prefill_kernels:
+        versions += f", C++ prefill paths {prefill_kernels['cpp'].paths(torch.empty(1, 1, heads.head_dim, dtype=dtype))}"
+    print(f"{versions}, {str(dtype).removeprefix('torch.')}, "
           f"block_size {args.block_size}, H={heads.num_heads} Hkv={heads.num_kv_heads} D={heads.head_dim}"
-          f"{', smoke shapes' if smoke else ''}")  # fmt: skip
+          f"{', smoke shapes' if smoke else ''}, median of {reps} calls")  # fmt: skip
     print("GB/s = K/V bytes one call needs (2 * sum(context) * Hkv * D * elem) / time per call")
-    if not on_gpu:
+    if interpreted:
         print("(interpreter timings are not GPU figures: this run checks that everything runs and agrees)")
-    for shape in SMOKE_DECODE if smoke else GPU_DECODE:
-        bench_decode(tpa, heads, shape, args.block_size, dtype, device, reps)
-    for shape in SMOKE_PREFILL if smoke else GPU_PREFILL:
-        bench_prefill(tpa, heads, shape, args.block_size, dtype, device, reps)
+    for shape in SMOKE_DECODE if smoke else GPU_DECODE if on_gpu else CPU_DECODE:
+        bench_decode(decode_kernels, heads, shape, args.block_size, dtype, device, reps)
+    for shape in SMOKE_PREFILL if smoke else GPU_PREFILL if on_gpu else CPU_PREFILL:
+        bench_prefill(prefill_kernels, heads, shape, args.block_size, dtype, device, reps)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The runner lays a step out as [single-query seqs | multi-query seqs]: every sequ
 token (decodes, and one-token prefill chunks) comes first, sorted by context length and cut into
 a few groups, each attended to in one batched call; each longer prefill chunk gets its own call. The metadata is built once per step and
 shared by all layers. With a kernel that reads the paged cache itself (C++ or Triton), the one-token
-seqs are one call (`DecodeBatch`); with a varlen prefill kernel (Triton), so are all the chunks
-(`PrefillBatch`).
+seqs are one call (`DecodeBatch`); with a varlen prefill kernel (C++ on CPU, Triton on CUDA), so are
+all the chunks (`PrefillBatch`).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class ModelRunner:
                 self.model.packed_head = PackedHead(self.model.head_weight)
             logger.info("packed %d bf16 linear weights (and the LM head) for oneDNN", len(packed))
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
-        self.prefill_kernel = _prefill_kernel(attention_backend, device)
+        self.prefill_kernel = _prefill_kernel(attention_backend, device, self.arch.head_dim)
         # CUDA graphs (llmserve/cuda_graphs.py): padded rows need one scratch block past the pool's
         # num_blocks, which the block manager never hands out.
         graph_plan = cuda_graphs.usable_plan(graph_plan, self.decode_kernel)
@@ -245,13 +245,20 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return True
 
 
-def _prefill_kernel(backend: str, device: torch.device) -> PrefillKernel | None:
-    """The varlen prefill kernel for this backend, or None for the torch reference (SDPA per chunk)."""
-    if not _use_triton(backend, device):
-        return None
-    from llmserve_kernels import triton_paged_attention
+def _prefill_kernel(backend: str, device: torch.device, head_dim: int) -> PrefillKernel | None:
+    """The varlen prefill kernel for this backend, or None for the torch reference (SDPA per chunk):
+    Triton where it is in use, else on CPU (auto, cpp) the C++ kernel when it has this head size and
+    builds (the loader logs why when it does not)."""
+    if _use_triton(backend, device):
+        from llmserve_kernels import triton_paged_attention
 
-    return triton_paged_attention.paged_attention_prefill_varlen
+        return triton_paged_attention.paged_attention_prefill_varlen
+    from llmserve_kernels import cpu_ops
+
+    if backend not in ("auto", "cpp") or device.type != "cpu" or head_dim not in cpu_ops.PREFILL_HEAD_DIMS:
+        return None
+    module = cpu_ops.load_prefill()
+    return None if module is None else module.paged_attention_prefill_varlen
 
 
 def _layer_ops(backend: str, device: torch.device, dtype: torch.dtype) -> LayerOps:

@@ -407,7 +407,7 @@ def test_without_triton_the_module_imports_and_the_engine_says_what_is_missing(
         _decode_kernel("triton", torch.device("cpu"), 64)
     # auto on CUDA falls back to the torch reference (None) instead of failing
     assert _decode_kernel("auto", torch.device("cuda"), 64) is None
-    assert _prefill_kernel("auto", torch.device("cuda")) is None
+    assert _prefill_kernel("auto", torch.device("cuda"), 64) is None
 
 
 def test_kernels_compile_for_a100_and_h100_within_shared_memory() -> None:
