@@ -1,7 +1,7 @@
 """The C++ CPU kernels, compiled on first use: decode attention (csrc/paged_attention_cpu.cpp),
 varlen prefill attention (csrc/prefill_attention_cpu.cpp), the fused per-layer elementwise ops
-(csrc/layer_ops_cpu.cpp), and the weight-only int8 and int4 matmuls (csrc/int8_gemv_cpu.cpp,
-csrc/int4_gemv_cpu.cpp).
+(csrc/layer_ops_cpu.cpp), the weight-only int8 and int4 matmuls (csrc/int8_gemv_cpu.cpp,
+csrc/int4_gemv_cpu.cpp), and the bf16 linear layer on AMX tiles (csrc/amx_linear_cpu.cpp).
 
 torch's cpp_extension builds it with the machine's C++ compiler into ~/.cache/torch_extensions
 (tens of seconds each, once per machine). Where one cannot be built, its loader returns None and
@@ -115,4 +115,23 @@ def load_prefill() -> ModuleType | None:
         )
     except Exception as exc:
         logger.warning("C++ prefill-attention kernel unavailable (%s); using the torch reference", exc)
+        return None
+
+
+@functools.cache
+def load_amx_linear() -> ModuleType | None:
+    """The bf16 AMX-tile linear layer (csrc/amx_linear_cpu.cpp), or None. A build on a CPU without
+    AMX-BF16 loads, and its `has_amx()` says False."""
+    try:
+        from torch.utils import cpp_extension
+
+        logger.info("loading the C++ AMX bf16 linear (compiled once per machine)")
+        return cpp_extension.load(
+            name="llmserve_amx_linear_cpu",
+            sources=[str(_CSRC / "amx_linear_cpu.cpp")],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:
+        logger.warning("C++ AMX linear unavailable (%s); bf16 linears use oneDNN", exc)
         return None

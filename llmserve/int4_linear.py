@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.int8_linear import can_pack_codes, check_cpu_kernel
-from llmserve.models.packed_linear import PackedLinear
+from llmserve.models.packed_linear import bf16_linear
 
 GROUP = 32  # weights of one row sharing d and m
 LANES = 16  # output rows side by side in the kernel's layout
@@ -116,7 +116,7 @@ class Int4Linear(nn.Module):
         dense_bias = None if bias is None else bias.detach().to(weight.dtype)
         if pack is None:
             pack = can_pack_codes(weight.device, weight.dtype)
-        self.gemm = PackedLinear(dense, dense_bias) if pack else None
+        self.gemm = bf16_linear(dense, dense_bias) if pack else None
         self.dense, self.dense_bias = (None, None) if pack else (dense, dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
@@ -139,5 +139,5 @@ class Int4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias32 is not None}, max_kernel_rows={self.max_kernel_rows}, "
-            f"large_step={'oneDNN packed' if self.gemm is not None else 'F.linear'}"
+            f"large_step={type(self.gemm).__name__ if self.gemm is not None else 'F.linear'}"
         )

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.models.packed_linear import PackedLinear, can_pack, packing_works
+from llmserve.models.packed_linear import bf16_linear, can_pack, packing_works
 
 # Rows up to which the int8 kernel beats the bf16 GEMM. Measured over one SmolLM2-135M step (120
 # body matmuls + LM head, 134M weights), cold weights, 2 threads (benchmarks/bench_gemv.py): int8
@@ -121,7 +121,7 @@ class Int8Linear(nn.Module):
         if pack is None:
             pack = can_pack_codes(weight.device, weight.dtype)
         # The large-step path: oneDNN-packed bf16 (AMX), else a plain F.linear over the codes.
-        self.gemm = PackedLinear(dense) if pack else None
+        self.gemm = bf16_linear(dense) if pack else None
         self.dense = None if pack else dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
@@ -143,5 +143,5 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias32 is not None}, max_kernel_rows={self.max_kernel_rows}, "
-            f"large_step={'oneDNN packed' if self.gemm is not None else 'F.linear'}"
+            f"large_step={type(self.gemm).__name__ if self.gemm is not None else 'F.linear'}"
         )

@@ -27,7 +27,7 @@ from llmserve.attention import (
 from llmserve.models import build_model
 from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
-from llmserve.models.packed_linear import PackedHead, can_pack, pack_linears
+from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
 from llmserve_kernels import decode_mask, gather_index
@@ -84,8 +84,9 @@ class ModelRunner:
         if quantizer is None and attention_backend != "torch" and can_pack(device, dtype):
             packed = pack_linears(self.model)
             if packed:
-                self.model.packed_head = PackedHead(self.model.head_weight)
-            logger.info("packed %d bf16 linear weights (and the LM head) for oneDNN", len(packed))
+                self.model.packed_head = bf16_head(self.model.head_weight)
+            kernel = "AMX tiles" if isinstance(self.model.packed_head, AmxLinear) else "oneDNN"
+            logger.info("packed %d bf16 linear weights and the LM head for %s", len(packed), kernel)
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         self.prefill_kernel = _prefill_kernel(attention_backend, device, self.arch.head_dim)
         # CUDA graphs (llmserve/cuda_graphs.py): padded rows need one scratch block past the pool's

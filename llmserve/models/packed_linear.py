@@ -1,4 +1,5 @@
-"""bf16 linear layers on CPU with their weights pre-packed into oneDNN's blocked layout.
+"""bf16 linear layers on CPU with their weights pre-packed once at load: into AMX tiles for our own
+kernel where the CPU has AMX (`AmxLinear`), else into oneDNN's blocked layout (`PackedLinear`).
 
 `F.linear` on a bf16 CPU tensor hands oneDNN a plain row-major weight, which it reorders into
 its AMX/AVX-512 blocked layout on every call: at SmolLM2-135M sizes (30 layers x 4 matmuls,
@@ -12,11 +13,25 @@ this repo's 2-core Xeon (AMX), all 120 body matmuls of one step, 2 threads, cold
 (at M <= 16 both are bound by reading 212 MB of weights: 12.4 ms is ~17 GB/s; at M = 64 the
 packed kernel runs ~770 GFLOP/s.) float32 stays on `F.linear`: transformers uses it, and float32
 greedy output must match transformers bit for bit.
+
+On a CPU with AMX-BF16 the kernel in kernels/csrc/amx_linear_cpu.cpp replaces oneDNN for every
+shape it takes (K a multiple of 32, N of 16): the same tile products in the same order, so the
+same bits as the packed oneDNN path (tests/test_amx_linear.py), at a fraction of its per-call
+cost. All 120 body matmuls of a step, 2 threads, cold weights, median of 5, the two interleaved in
+one process (2026-12-01 16:04 UTC, load average 1.2):
+
+    tokens in the step (M)    1      16     64     256    512
+    oneDNN packed, ms        31.8   30.6   46.3   103.6  215.6
+    AMX tiles, ms            15.5   14.3   28.8    79.6  198.0
+
+(at M <= 16 the tiles are bound by reading the 212 MB of weights: 14.3 ms is ~15 GB/s.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +53,59 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class AmxLinear(nn.Module):
+    """bf16 `x @ W.T + bias` on AMX tiles, W held in the kernel's tile layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType) -> None:  # weight [N, K]
+        super().__init__()
+        self.out_features, self.in_features = n, k = weight.shape
+        assert self.fits(weight), f"AmxLinear needs bf16 [N, K] with N % 16 == 0 and K % 32 == 0, got {weight.shape}"
+        # [N, K] -> [N/16, 16 n, K/32, 16 r, 2 j] -> [N/16, K/32, 16 r, 16 n, 2 j]: for each 16 output
+        # columns and 32 k, one 1 KB B tile whose row r holds the pairs W[n, 2r], W[n, 2r + 1] (VNNI order).
+        tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        self.tiles = tiles.contiguous()
+        self.bias = None if bias is None else bias.detach()
+        self.ops = ops
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        n, k = weight.shape
+        return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and n % 16 == 0 and k % 32 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features).contiguous()  # [T, in]
+        out = self.ops.amx_linear(rows, self.tiles, self.out_features, self.bias)  # [T, out]
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@functools.cache
+def amx_ops() -> ModuleType | None:
+    """The AMX linear kernel when this CPU, kernel build and process can run AMX tiles, else None."""
+    from llmserve_kernels import cpu_ops
+
+    ops = cpu_ops.load_amx_linear()
+    if ops is None or not ops.has_amx():
+        return None
+    return ops
+
+
+def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """The fastest packed form of a bf16 CPU linear layer: AmxLinear where it fits, else PackedLinear."""
+    ops = amx_ops() if AmxLinear.fits(weight) else None
+    if ops is not None:
+        return AmxLinear(weight, bias, ops)
+    return PackedLinear(weight, bias)
+
+
+def bf16_head(weight: torch.Tensor) -> nn.Module:  # weight [V, hidden]
+    """The LM head: AmxLinear (one copy, faster than both oneDNN paths at every M) or PackedHead."""
+    linear = bf16_linear(weight)
+    return linear if isinstance(linear, AmxLinear) else PackedHead(weight)
 
 
 class PackedHead(nn.Module):
@@ -69,7 +137,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> list[nn.Linear]:
-    """Replace every nn.Linear in `model` by a PackedLinear: the same product up to bf16 rounding
+    """Replace every nn.Linear in `model` by its `bf16_linear`: the same product up to bf16 rounding
     (oneDNN picks other kernels for the packed layout at M >= 64). Returns the replaced modules;
     none (model untouched) if this torch build cannot pack."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -77,7 +145,7 @@ def pack_linears(model: nn.Module) -> list[nn.Linear]:
         return []
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(module.weight, module.bias))
+        setattr(model.get_submodule(parent_name), child, bf16_linear(module.weight, module.bias))
     return [module for _, module in targets]
 
 
