@@ -13,7 +13,7 @@ models lose what Q4_1 loses. The LM head stays int8 (`Int8Linear`): the file kee
 
 Two paths, as for int8. Up to `KERNEL_MAX_ROWS` rows (decode steps of a few streams): the C++ kernel
 (kernels/csrc/int4_gemv_cpu.cpp), float32 sums of x * (d * q + m) with the activations unquantized.
-Beyond: a GEMM over the dequantized weights held in the model dtype (oneDNN-packed bf16 on AMX),
+Beyond: a GEMM over the dequantized weights held in the model dtype (packed bf16: AMX tiles or oneDNN),
 since large steps are compute-bound. In float32 the two paths compute one function and differ only
 in the order of their float32 sums; in bf16 the GEMM's weights are those values rounded to bf16, so
 the paths differ by that rounding as well (2^-9 relative per weight; the bf16 model's own weights
@@ -29,11 +29,8 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from llmserve.int8_linear import can_pack_codes, check_cpu_kernel
-from llmserve.models.packed_linear import bf16_linear
+from llmserve.int8_linear import KernelLinear, check_cpu_kernel
 
 GROUP = 32  # weights of one row sharing d and m
 LANES = 16  # output rows side by side in the kernel's layout
@@ -92,7 +89,7 @@ def pack_groups(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     return torch.cat([scale_bytes.view(blocks, groups, 4 * LANES), code_bytes], dim=-1).contiguous()
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(KernelLinear):
     """`x @ weight.T + bias` from Q4_1 groups: the int4 kernel up to `max_kernel_rows` rows, a GEMM
     over the dequantized weights in the model dtype beyond (see the module docstring)."""
 
@@ -102,42 +99,14 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         ops: ModuleType | None = None,
-        pack: bool | None = None,  # the large-step GEMM oneDNN-packed; None: when this torch can
+        pack: bool | None = None,  # the large-step GEMM packed (bf16_linear); None: when this torch can
         max_kernel_rows: int = KERNEL_MAX_ROWS,
     ) -> None:
-        super().__init__()
-        self.ops = ops if ops is not None else check(weight.device, weight.dtype)
-        self.out_features, self.in_features = weight.shape
-        self.dtype, self.max_kernel_rows = weight.dtype, max_kernel_rows
+        super().__init__(weight, bias, ops if ops is not None else check(weight.device, weight.dtype), max_kernel_rows)
         codes, d, m = quantize_groups(weight)
         self.register_buffer("packed", pack_groups(codes, d, m))  # [ceil(out / 16), in / 32, 320] uint8
-        self.register_buffer("bias32", None if bias is None else bias.detach().float().contiguous())
         dense = dequantize_groups(codes, d, m).to(weight.dtype)  # [out, in]
-        dense_bias = None if bias is None else bias.detach().to(weight.dtype)
-        if pack is None:
-            pack = can_pack_codes(weight.device, weight.dtype)
-        self.gemm = bf16_linear(dense, dense_bias) if pack else None
-        self.dense, self.dense_bias = (None, None) if pack else (dense, dense_bias)
+        self._set_dense(dense, None if bias is None else bias.detach().to(weight.dtype), pack)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= self.max_kernel_rows:
-            out = self.ops.int4_linear(rows.contiguous(), self.packed, self.out_features, self.bias32)
-        elif self.gemm is not None:
-            out = self.gemm(rows)
-        else:
-            out = F.linear(rows, self.dense, self.dense_bias)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def weight_bytes(self) -> int:
-        """Bytes held for the weights: the packed groups (padded to 16 rows), bias and the dense copy."""
-        held = [self.packed] + ([self.bias32] if self.bias32 is not None else [])
-        dense_bytes = self.out_features * self.in_features * torch.empty((), dtype=self.dtype).element_size()
-        return sum(t.numel() * t.element_size() for t in held) + dense_bytes
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias32 is not None}, max_kernel_rows={self.max_kernel_rows}, "
-            f"large_step={type(self.gemm).__name__ if self.gemm is not None else 'F.linear'}"
-        )
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.ops.int4_linear(rows, self.packed, self.out_features, self.bias32)

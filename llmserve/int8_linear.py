@@ -12,7 +12,7 @@ Quantization: per output row, symmetric: scale = max|w_row| / 127, code = round(
 Two paths, one function. A step with few rows (M <= `KERNEL_MAX_ROWS`: decode steps of a few
 streams) runs the int8 kernel; a bigger step (prefill chunks, large decode batches) is compute-bound
 and runs a GEMM over the same codes held in the model dtype (exact: |code| <= 127 fits bf16's 8-bit
-significand), oneDNN-packed for AMX in bf16. Both compute
+significand), packed (`bf16_linear`: AMX tiles or oneDNN) in bf16. Both compute
 
     out = T(T(sum_k x[k] * code[n, k]) * scale[n] + bias[n])        (T: the model dtype)
 
@@ -96,7 +96,59 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales.contiguous()
 
 
-class Int8Linear(nn.Module):
+class KernelLinear(nn.Module):
+    """Base of the weight-only quantized linears (int8 here, int4 in int4_linear.py): their C++
+    kernel for steps of up to `max_kernel_rows` rows, a GEMM over a dense copy of the weights in
+    the model dtype beyond. Subclasses register their kernel's buffers, call `_set_dense`, and
+    implement `kernel`; `large_step` may add an epilogue."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType, max_kernel_rows: int) -> None:
+        super().__init__()
+        self.ops = ops
+        self.out_features, self.in_features = weight.shape
+        self.dtype, self.max_kernel_rows = weight.dtype, max_kernel_rows
+        self.register_buffer("bias32", None if bias is None else bias.detach().float().contiguous())
+        self.gemm: nn.Module | None = None
+        self.dense: torch.Tensor | None = None
+        self.dense_bias: torch.Tensor | None = None
+
+    def _set_dense(self, dense: torch.Tensor, dense_bias: torch.Tensor | None, pack: bool | None) -> None:
+        """The large-step path: packed bf16 (our AMX kernel or oneDNN), else a plain F.linear."""
+        if pack is None:
+            pack = can_pack_codes(dense.device, dense.dtype)
+        if pack:
+            self.gemm = bf16_linear(dense, dense_bias)
+        else:
+            self.dense, self.dense_bias = dense, dense_bias
+
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:  # [M <= max_kernel_rows, in] contiguous -> [M, out]
+        raise NotImplementedError
+
+    def large_step(self, rows: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        if self.gemm is not None:
+            return self.gemm(rows)
+        assert self.dense is not None
+        return F.linear(rows, self.dense, self.dense_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features)  # [T, in]
+        out = self.kernel(rows.contiguous()) if rows.shape[0] <= self.max_kernel_rows else self.large_step(rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes held for the weights: the kernel's buffers, the bias, and the dense copy."""
+        held = sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+        return held + self.out_features * self.in_features * torch.empty((), dtype=self.dtype).element_size()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias32 is not None}, max_kernel_rows={self.max_kernel_rows}, "
+            f"large_step={type(self.gemm).__name__ if self.gemm is not None else 'F.linear'}"
+        )
+
+
+class Int8Linear(KernelLinear):
     """`x @ weight.T + bias` from per-row int8 codes: the int8 kernel up to `max_kernel_rows` rows,
     a GEMM over the codes in the model dtype beyond (see the module docstring)."""
 
@@ -106,42 +158,17 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         ops: ModuleType | None = None,
-        pack: bool | None = None,  # the large-step GEMM oneDNN-packed; None: when this torch can
+        pack: bool | None = None,  # the large-step GEMM packed (bf16_linear); None: when this torch can
         max_kernel_rows: int = KERNEL_MAX_ROWS,
     ) -> None:
-        super().__init__()
-        self.ops = ops if ops is not None else check(weight.device, weight.dtype)
-        self.out_features, self.in_features = weight.shape
-        self.dtype, self.max_kernel_rows = weight.dtype, max_kernel_rows
+        super().__init__(weight, bias, ops if ops is not None else check(weight.device, weight.dtype), max_kernel_rows)
         codes, scales = quantize_rows(weight)
         self.register_buffer("packed", self.ops.int8_pack(codes))  # [ceil(out / 16), in, 16] int8
         self.register_buffer("scales", scales)  # [out] float32
-        self.register_buffer("bias32", None if bias is None else bias.detach().float().contiguous())
-        dense = codes.to(weight.dtype)  # exact
-        if pack is None:
-            pack = can_pack_codes(weight.device, weight.dtype)
-        # The large-step path: oneDNN-packed bf16 (AMX), else a plain F.linear over the codes.
-        self.gemm = bf16_linear(dense) if pack else None
-        self.dense = None if pack else dense
+        self._set_dense(codes.to(weight.dtype), None, pack)  # the codes, exact in either dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= self.max_kernel_rows:
-            out = self.ops.int8_linear(rows.contiguous(), self.packed, self.scales, self.bias32)
-        else:
-            out = self.gemm(rows) if self.gemm is not None else F.linear(rows, self.dense)
-            out = self.ops.int8_scale_bias_(out.contiguous(), self.scales, self.bias32)
-        return out.view(*x.shape[:-1], self.out_features)
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.ops.int8_linear(rows, self.packed, self.scales, self.bias32)
 
-    def weight_bytes(self) -> int:
-        """Bytes held for the weights: codes (padded to 16 rows), scales, bias and the dense copy."""
-        held = [self.packed, self.scales] + ([self.bias32] if self.bias32 is not None else [])
-        dense_bytes = self.out_features * self.in_features * torch.empty((), dtype=self.dtype).element_size()
-        return sum(t.numel() * t.element_size() for t in held) + dense_bytes
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias32 is not None}, max_kernel_rows={self.max_kernel_rows}, "
-            f"large_step={type(self.gemm).__name__ if self.gemm is not None else 'F.linear'}"
-        )
+    def large_step(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.ops.int8_scale_bias_(super().large_step(rows).contiguous(), self.scales, self.bias32)

@@ -27,12 +27,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <unistd.h>
-#include <sys/syscall.h>
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define AL_AMX 1
-#include <immintrin.h>
+#include "amx_tiles.h"
 #endif
 
 namespace {
@@ -46,20 +44,7 @@ constexpr int64_t kTile = kCols * kDepth;
 constexpr int64_t kPrefetchTiles = 2;
 
 #if defined(AL_AMX)
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Linux hands the AMX register state only to processes that ask (ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); without it the first tile instruction faults.
-bool amx_usable() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ok;
-}
+using llmserve_amx::amx_usable;
 
 // C tiles of rows [16 MB) x columns [16 NB) for one row block pair and column block pair, into c
 // ([32][32] floats). a: 16-row-padded x at this row block, row stride k_len; b0/b1: the K tiles of
@@ -143,13 +128,7 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, in
   // Dynamic tasks: a thread descheduled by the event loop or a client does not hold the others up.
 #pragma omp parallel num_threads(threads)
   {
-    // The tile configuration is per thread, and these are torch's threads: whoever configured
-    // tiles on them before (oneDNN, which skips reconfiguring when it believes its palette is
-    // still loaded) gets its configuration back at the end, or the init state if none.
-    alignas(64) unsigned char saved[64];
-    _tile_storeconfig(saved);  // 64 zero bytes when nothing is configured
-    const TileConfig config;
-    _tile_loadconfig(&config);
+    const llmserve_amx::TileScope tiles;  // restores the thread's previous tile configuration
     alignas(64) float c[32 * 32];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -168,10 +147,6 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, in
         store_rows(c, rows, two_n ? 2 : 1, bp, o, n_len, mb * 16, nb0 * kCols);
       }
     }
-    if (saved[0] != 0)  // palette id: a configuration was loaded
-      _tile_loadconfig(saved);
-    else
-      _tile_release();
   }
 #else
   TORCH_CHECK(false, "this build has no AMX path (compiled without AMX-BF16)");

@@ -19,19 +19,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vec.h"
+
 #ifndef LLMSERVE_BLOCKED
 #define LLMSERVE_BLOCKED 1  // -DLLMSERVE_BLOCKED=0 builds the plain loops only, for comparison
 #endif
-
-static inline float to_f32(float x) { return x; }
-static inline float to_f32(c10::Half x) { return static_cast<float>(x); }
-static inline float to_f32(c10::BFloat16 x) {
-  // bf16 is the top half of an fp32: a shift the compiler vectorises, unlike c10's conversion.
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -44,15 +36,6 @@ static inline float to_f32(c10::BFloat16 x) {
 // registers. Measured on one core at 64 sequences x 300 tokens, 30 layers, bf16 (2026-12-01):
 // 106 ms -> 56 ms of CPU time, of which QK ~60%, softmax ~7%, P.V ~33%; what is left is mostly
 // waiting on memory (one core pulls ~10 GB/s).
-
-static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_f32x16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-static inline __m512 load_f32x16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // r[i] = sum of the 16 lanes of v[i], i = 0..15.
 static inline __m512 reduce16(const __m512* v) {

@@ -64,14 +64,12 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "cpu_vec.h"
 
 #ifndef LLMSERVE_PREFILL_VECTOR
 #define LLMSERVE_PREFILL_VECTOR 1
@@ -82,6 +80,7 @@
 #define PF_AVX512 1
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define PF_AMX 1
+#include "amx_tiles.h"
 #endif
 #endif
 
@@ -89,16 +88,6 @@ namespace {
 
 constexpr int64_t KEY_TILE = 32;  // keys per tile on the FMA path: S^T is KEY_TILE x R fp32 (8 KB at R = 64)
 constexpr int64_t AMX_KEYS = 64;  // on the AMX path: two K = 32 products per load and store of O
-
-static inline float to_f32(float x) { return x; }
-static inline float to_f32(c10::Half x) { return static_cast<float>(x); }
-static inline float to_f32(c10::BFloat16 x) {
-  // bf16 is the top half of an fp32: a shift, where c10's conversion does not vectorise.
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Rows of a task: M tokens x g heads. 64 rows keep Q^T and O at 16 KB each (L1) for D <= 128; at
 // D = 256, 32 rows. More rows would reuse each K/V element more, but cost more masked work on the
@@ -196,15 +185,6 @@ static void scalar_task(const Args<T>& a, const Task& task, std::vector<float>& 
 #if defined(PF_AVX512)
 // ---------------------------------------------------------------------------------------------
 // AVX-512 helpers.
-
-static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_f32x16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-static inline __m512 load_f32x16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 static inline void store_f32x16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 static inline void store_f32x16(c10::Half* p, __m512 x) {
@@ -344,20 +324,7 @@ static inline void transpose16x16(__m512i r[16]) {
 
 #if defined(PF_AMX)
 // AMX tiles, all configured 16 rows x 64 bytes (in QK tmm0-3 accumulate, tmm4 is A, tmm5-7 B).
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Linux hands out the AMX register state only to processes that ask (ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); without it the first tile instruction faults.
-static bool amx_usable() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ok;
-}
+using llmserve_amx::amx_usable;
 
 // S^T[16 kb + i][r] = k_i . q_r for the tile's n keys (rows from `keys`, one pointer a key). A: 16
 // K rows (read in place when they are 16 consecutive rows of one page, else copied into `stage`
@@ -684,15 +651,8 @@ static void run_tasks(const Args<T>& a, const std::vector<Task>& tasks, [[maybe_
     std::unique_ptr<Scratch> sc;
     if (path != Path::kScalar) sc = std::make_unique<Scratch>(max_rows, D);
 #if defined(PF_AMX)
-    // The tile configuration is per thread, and these are torch's threads: whoever configured
-    // tiles on them before (oneDNN, ATen's brgemm, which skips reconfiguring when it believes its
-    // palette is still loaded) gets its configuration back at the end, or the init state if none.
-    alignas(64) unsigned char saved[64];
-    if (path == Path::kAmx) {
-      _tile_storeconfig(saved);  // 64 zero bytes when nothing is configured
-      const TileConfig config;
-      _tile_loadconfig(&config);
-    }
+    std::optional<llmserve_amx::TileScope> tiles;  // restores the thread's previous tile configuration
+    if (path == Path::kAmx) tiles.emplace();
 #endif
 #endif
     std::vector<float> qf, scores, acc;
@@ -711,14 +671,6 @@ static void run_tasks(const Args<T>& a, const std::vector<Task>& tasks, [[maybe_
 #endif
       scalar_task<T, D>(a, tasks[i], qf, scores, acc, row);
     }
-#if defined(PF_AMX)
-    if (path == Path::kAmx) {
-      if (saved[0] != 0)  // palette id: a configuration was loaded
-        _tile_loadconfig(saved);
-      else
-        _tile_release();
-    }
-#endif
   }
 }
 
