@@ -5,8 +5,9 @@
 
 Matmuls: every matmul of one SmolLM2-135M step (30 layers x qkv [960, 576], o [576, 576],
 gate_up [3072, 576], down [576, 1536], plus the LM head [49152, 576]: 134M weights) on M rows, with
-three implementations: our int8 kernel (1 byte per weight), the oneDNN-packed bf16 linear the
-runner uses for bf16 (`PackedLinear`, 2 bytes) and plain `F.linear` in bf16. Two working sets:
+these implementations: our int4 and int8 kernels, our AMX-tile bf16 linear the runner uses for bf16
+on a CPU with AMX (`AmxLinear`, 2 bytes; left out elsewhere), the oneDNN-packed bf16 linear it uses
+otherwise (`PackedLinear`) and plain `F.linear` in bf16. Two working sets:
 
 - cold: `--copies` distinct copies of those weights (default 4: 537 MB int8, 1.07 GB bf16), run
   one after the other, so every byte comes from DRAM. This host's L3 is large (lscpu: 480 MB,
@@ -48,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from llmserve import LLM, SamplingParams  # noqa: E402
 from llmserve.int4_linear import GROUP, pack_groups, quantize_groups  # noqa: E402
 from llmserve.int8_linear import quantize_rows  # noqa: E402
-from llmserve.models.packed_linear import PackedLinear  # noqa: E402
+from llmserve.models.packed_linear import AmxLinear, PackedLinear, amx_ops  # noqa: E402
 from llmserve_kernels import cpu_ops  # noqa: E402
 
 HIDDEN, INTERMEDIATE, QKV, VOCAB, LAYERS = 576, 1536, 960, 49152, 30  # SmolLM2-135M
@@ -74,7 +75,7 @@ def step_shapes() -> list[tuple[int, int]]:
 
 
 def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
-    """The four implementations over `copies` distinct copies of one step's weights."""
+    """The implementations over `copies` distinct copies of one step's weights."""
     ops, ops4 = cpu_ops.load_int8_ops(), cpu_ops.load_int4_ops()
     if ops is None or ops4 is None:
         sys.exit("the C++ int8 or int4 kernel did not build (see the log)")
@@ -85,6 +86,8 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
     int4_bytes = 0
     plain: list[torch.Tensor] = []
     packed: list[PackedLinear] = []
+    amx_kernel = amx_ops()
+    amx: list[AmxLinear] = []
     for n, k in step_shapes() * copies:
         weight = (torch.randn(n, k, generator=gen) * k**-0.5).bfloat16()
         codes, scales = quantize_rows(weight)
@@ -97,6 +100,8 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
             int4_bytes += n * k
         plain.append(weight)
         packed.append(PackedLinear(weight))
+        if amx_kernel is not None:
+            amx.append(AmxLinear(weight, None, amx_kernel))
 
     def run_int8(xs: dict[int, torch.Tensor]) -> None:
         for w, s in int8:
@@ -112,19 +117,21 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
         for p in packed:
             p(xs[p.in_features])
 
+    def run_amx(xs: dict[int, torch.Tensor]) -> None:
+        for a in amx:
+            a(xs[a.in_features])
+
     def run_plain(xs: dict[int, torch.Tensor]) -> None:
         for w in plain:
             F.linear(xs[w.shape[1]], w)
 
     weights = sum(n * k for n, k in step_shapes()) * copies
-    steps = {
-        "int4 kernel": run_int4,
-        "int8 kernel": run_int8,
-        "bf16 packed": run_packed,
-        "bf16 F.linear": run_plain,
-    }
-    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights, "bf16 packed": 2 * weights}
-    return steps, nbytes | {"bf16 F.linear": 2 * weights}
+    steps = {"int4 kernel": run_int4, "int8 kernel": run_int8}
+    if amx:
+        steps["bf16 AMX tiles"] = run_amx
+    steps |= {"bf16 packed": run_packed, "bf16 F.linear": run_plain}
+    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights}
+    return steps, nbytes | {name: 2 * weights for name in steps if name.startswith("bf16")}
 
 
 def time_matmuls(label: str, copies: int, rows: list[int], reps: int) -> None:
@@ -140,7 +147,7 @@ def time_matmuls(label: str, copies: int, rows: list[int], reps: int) -> None:
         times: dict[str, list[float]] = {name: [] for name in steps}
         for step in steps.values():
             step(xs)  # warm-up: oneDNN picks and JIT-compiles its kernels per shape
-        for _ in range(reps):  # interleaved, so a noisy moment hits all three alike
+        for _ in range(reps):  # interleaved, so a noisy moment hits all of them alike
             for name, step in steps.items():
                 start = time.perf_counter()
                 step(xs)
