@@ -93,16 +93,10 @@ class Int4Linear(KernelLinear):
     """`x @ weight.T + bias` from Q4_1 groups: the int4 kernel up to `max_kernel_rows` rows, a GEMM
     over the dequantized weights in the model dtype beyond (see the module docstring)."""
 
-    def __init__(
-        self,
-        weight: torch.Tensor,  # [out, in], in the model dtype
-        bias: torch.Tensor | None = None,
-        *,
-        ops: ModuleType | None = None,
-        pack: bool | None = None,  # the large-step GEMM packed (bf16_linear); None: when this torch can
-        max_kernel_rows: int = KERNEL_MAX_ROWS,
-    ) -> None:
-        super().__init__(weight, bias, ops if ops is not None else check(weight.device, weight.dtype), max_kernel_rows)
+    default_max_kernel_rows = KERNEL_MAX_ROWS
+    load_ops = staticmethod(check)
+
+    def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None) -> None:
         codes, d, m = quantize_groups(weight)
         self.register_buffer("packed", pack_groups(codes, d, m))  # [ceil(out / 16), in / 32, 320] uint8
         dense = dequantize_groups(codes, d, m).to(weight.dtype)  # [out, in]

@@ -99,18 +99,38 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class KernelLinear(nn.Module):
     """Base of the weight-only quantized linears (int8 here, int4 in int4_linear.py): their C++
     kernel for steps of up to `max_kernel_rows` rows, a GEMM over a dense copy of the weights in
-    the model dtype beyond. Subclasses register their kernel's buffers, call `_set_dense`, and
-    implement `kernel`; `large_step` may add an epilogue."""
+    the model dtype beyond. A subclass names its kernel loader and row threshold, and its
+    `_quantize` registers the kernel's buffers and calls `_set_dense`; `large_step` may add an
+    epilogue."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType, max_kernel_rows: int) -> None:
+    default_max_kernel_rows: int
+
+    def __init__(
+        self,
+        weight: torch.Tensor,  # [out, in], in the model dtype
+        bias: torch.Tensor | None = None,
+        *,
+        ops: ModuleType | None = None,
+        pack: bool | None = None,  # the large-step GEMM packed (bf16_linear); None: when this torch can
+        max_kernel_rows: int | None = None,  # None: the class's measured default
+    ) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops = ops if ops is not None else self.load_ops(weight.device, weight.dtype)
         self.out_features, self.in_features = weight.shape
-        self.dtype, self.max_kernel_rows = weight.dtype, max_kernel_rows
+        self.dtype = weight.dtype
+        self.max_kernel_rows = self.default_max_kernel_rows if max_kernel_rows is None else max_kernel_rows
         self.register_buffer("bias32", None if bias is None else bias.detach().float().contiguous())
         self.gemm: nn.Module | None = None
         self.dense: torch.Tensor | None = None
         self.dense_bias: torch.Tensor | None = None
+        self._quantize(weight, bias, pack)
+
+    @staticmethod
+    def load_ops(device: torch.device, dtype: torch.dtype) -> ModuleType:
+        raise NotImplementedError
+
+    def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None) -> None:
+        raise NotImplementedError
 
     def _set_dense(self, dense: torch.Tensor, dense_bias: torch.Tensor | None, pack: bool | None) -> None:
         """The large-step path: packed bf16 (our AMX kernel or oneDNN), else a plain F.linear."""
@@ -152,16 +172,10 @@ class Int8Linear(KernelLinear):
     """`x @ weight.T + bias` from per-row int8 codes: the int8 kernel up to `max_kernel_rows` rows,
     a GEMM over the codes in the model dtype beyond (see the module docstring)."""
 
-    def __init__(
-        self,
-        weight: torch.Tensor,  # [out, in], in the model dtype
-        bias: torch.Tensor | None = None,
-        *,
-        ops: ModuleType | None = None,
-        pack: bool | None = None,  # the large-step GEMM packed (bf16_linear); None: when this torch can
-        max_kernel_rows: int = KERNEL_MAX_ROWS,
-    ) -> None:
-        super().__init__(weight, bias, ops if ops is not None else check(weight.device, weight.dtype), max_kernel_rows)
+    default_max_kernel_rows = KERNEL_MAX_ROWS
+    load_ops = staticmethod(check)
+
+    def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None) -> None:
         codes, scales = quantize_rows(weight)
         self.register_buffer("packed", self.ops.int8_pack(codes))  # [ceil(out / 16), in, 16] int8
         self.register_buffer("scales", scales)  # [out] float32
