@@ -47,71 +47,51 @@ def _build(name: str, **kwargs: Any) -> ModuleType:
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for
 
 
-@functools.cache
-def load() -> ModuleType | None:
+def _load(what: str, source: str, cflags: list[str], fallback: str = "") -> ModuleType | None:
+    """Build (once per machine) and load csrc/`source` as llmserve_<its stem>, or None with a
+    warning: no compiler, no ninja, headers missing, and the caller keeps its torch path."""
     try:
-        logger.info("loading the C++ paged-attention kernel (compiled once per machine)")
+        logger.info("loading the C++ %s (compiled once per machine)", what)
         return _build(
-            name="llmserve_paged_attention_cpu",
-            sources=[str(_CSRC / "paged_attention_cpu.cpp")],
-            # -ffast-math lets the compiler vectorise the dot-product reductions (reassociation).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            name=f"llmserve_{Path(source).stem}",
+            sources=[str(_CSRC / source)],
+            extra_cflags=["-O3", "-march=native", *cflags, "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
-    except Exception as exc:  # no compiler, no ninja, headers missing: the torch path still works
-        logger.warning("C++ paged-attention kernel unavailable (%s); using the torch reference", exc)
+    except Exception as exc:
+        logger.warning("C++ %s unavailable (%s)%s", what, exc, fallback)
         return None
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The paged decode attention (csrc/paged_attention_cpu.cpp), or None."""
+    # -ffast-math lets the compiler vectorise the dot-product reductions (reassociation).
+    return _load("paged-attention kernel", "paged_attention_cpu.cpp", ["-ffast-math"], "; using the torch reference")
+
+
+# No -ffast-math and no FMA contraction in the next three: the layer ops must round exactly where
+# torch's do, both paths of Int8Linear share one rounding, and int4's scalar fallback must give
+# its vector path's bits.
+_EXACT = ["-mprefer-vector-width=512", "-ffp-contract=off"]
 
 
 @functools.cache
 def load_layer_ops() -> ModuleType | None:
-    try:
-        logger.info("loading the C++ fused layer ops (compiled once per machine)")
-        return _build(
-            name="llmserve_layer_ops_cpu",
-            sources=[str(_CSRC / "layer_ops_cpu.cpp")],
-            # No -ffast-math and no FMA contraction: these ops must round exactly where torch's do.
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:
-        logger.warning("C++ fused layer ops unavailable (%s); using torch ops", exc)
-        return None
+    """The fused per-layer elementwise ops (csrc/layer_ops_cpu.cpp), or None."""
+    return _load("fused layer ops", "layer_ops_cpu.cpp", _EXACT, "; using torch ops")
 
 
 @functools.cache
 def load_int8_ops() -> ModuleType | None:
     """The weight-only int8 matmul for decode steps (csrc/int8_gemv_cpu.cpp), or None."""
-    try:
-        logger.info("loading the C++ int8 matmul (compiled once per machine)")
-        return _build(
-            name="llmserve_int8_gemv_cpu",
-            sources=[str(_CSRC / "int8_gemv_cpu.cpp")],
-            # No -ffast-math and no FMA contraction: both paths of Int8Linear share one rounding.
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp",
-                          "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:
-        logger.warning("C++ int8 matmul unavailable (%s)", exc)
-        return None
+    return _load("int8 matmul", "int8_gemv_cpu.cpp", _EXACT)
 
 
 @functools.cache
 def load_int4_ops() -> ModuleType | None:
     """The 4-bit group-quantized matmul for decode steps (csrc/int4_gemv_cpu.cpp), or None."""
-    try:
-        logger.info("loading the C++ int4 matmul (compiled once per machine)")
-        return _build(
-            name="llmserve_int4_gemv_cpu",
-            sources=[str(_CSRC / "int4_gemv_cpu.cpp")],
-            # No -ffast-math and no FMA contraction: the scalar fallback must give the vector path's bits.
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:
-        logger.warning("C++ int4 matmul unavailable (%s)", exc)
-        return None
+    return _load("int4 matmul", "int4_gemv_cpu.cpp", _EXACT)
 
 
 PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the prefill kernel is instantiated for
@@ -120,32 +100,13 @@ PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the prefill
 @functools.cache
 def load_prefill() -> ModuleType | None:
     """The varlen prefill attention over the paged cache (csrc/prefill_attention_cpu.cpp), or None."""
-    try:
-        logger.info("loading the C++ prefill-attention kernel (compiled once per machine)")
-        return _build(
-            name="llmserve_prefill_attention_cpu",
-            sources=[str(_CSRC / "prefill_attention_cpu.cpp")],
-            # No -ffast-math: it lets the compiler assume no infinities, and the causal mask is -inf.
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:
-        logger.warning("C++ prefill-attention kernel unavailable (%s); using the torch reference", exc)
-        return None
+    # No -ffast-math: it lets the compiler assume no infinities, and the causal mask is -inf.
+    return _load("prefill-attention kernel", "prefill_attention_cpu.cpp", ["-mprefer-vector-width=512"],
+                 "; using the torch reference")
 
 
 @functools.cache
 def load_amx_linear() -> ModuleType | None:
     """The bf16 AMX-tile linear layer (csrc/amx_linear_cpu.cpp), or None. A build on a CPU without
     AMX-BF16 loads, and its `has_amx()` says False."""
-    try:
-        logger.info("loading the C++ AMX bf16 linear (compiled once per machine)")
-        return _build(
-            name="llmserve_amx_linear_cpu",
-            sources=[str(_CSRC / "amx_linear_cpu.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:
-        logger.warning("C++ AMX linear unavailable (%s); bf16 linears use oneDNN", exc)
-        return None
+    return _load("AMX bf16 linear", "amx_linear_cpu.cpp", [], "; bf16 linears use oneDNN")
