@@ -110,3 +110,9 @@ def load_amx_linear() -> ModuleType | None:
     """The bf16 AMX-tile linear layer (csrc/amx_linear_cpu.cpp), or None. A build on a CPU without
     AMX-BF16 loads, and its `has_amx()` says False."""
     return _load("AMX bf16 linear", "amx_linear_cpu.cpp", [], "; bf16 linears use oneDNN")
+
+
+@functools.cache
+def load_layer_loop() -> ModuleType | None:
+    """The decoder's layer loop in C++ over the kernels above (csrc/layer_loop_cpu.cpp), or None."""
+    return _load("layer loop", "layer_loop_cpu.cpp", [], "; the layers run from Python")

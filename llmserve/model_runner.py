@@ -25,6 +25,7 @@ from llmserve.attention import (
     PrefillKernel,
 )
 from llmserve.models import build_model
+from llmserve.models.layer_loop import build_layer_loop
 from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
 from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
@@ -98,6 +99,8 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(self.arch.num_layers)
         ]
+        if device.type == "cpu" and attention_backend != "torch":
+            self.model.layer_loop = build_layer_loop(self.model, self.kv_caches, self.decode_kernel, self.prefill_kernel)
         self.graphs: cuda_graphs.DecodeGraphRunner | None = None
         if graph_plan is not None and self.decode_kernel is not None:
             self.graphs = cuda_graphs.DecodeGraphRunner(

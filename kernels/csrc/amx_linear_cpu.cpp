@@ -21,6 +21,7 @@
 // Each row's result uses the same tile products in the same k order whatever M is, so the output
 // of a row does not depend on its batch neighbours (oneDNN picks a blocking per M).
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -167,5 +168,9 @@ bool has_amx() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear, "bf16(x @ W.T + bias) for W in the [N/16, K/32, 16, 32] tile layout",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none());
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"amx_linear", address<PackedLinearFn>(&amx_linear)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_amx", &has_amx, "whether this build and process can run AMX tiles");
 }

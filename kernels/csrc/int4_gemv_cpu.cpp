@@ -33,6 +33,7 @@
 // Compiled WITHOUT -ffast-math and with -ffp-contract=off: the scalar fallback must give the same
 // bits as the vector path (same operations in the same order).
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -312,5 +313,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none());
   m.def("int4_quantize_activations", &int4_quantize_activations,
         "the kernel's int8 activations: (codes, scales, sums) per group of 32", py::arg("x"));
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"int4_linear", address<PackedLinearFn>(&int4_linear)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
 }

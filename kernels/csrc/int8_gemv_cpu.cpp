@@ -27,6 +27,7 @@
 // Compiled WITHOUT -ffast-math and with -ffp-contract=off: the epilogue's multiply and add must
 // round exactly as `int8_scale_bias_` does.
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -296,5 +297,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("int8_scale_bias_", &int8_scale_bias_, "y = T(y * scales + bias) in place (the GEMM path's epilogue)",
         py::arg("y"), py::arg("scales"), py::arg("bias") = py::none());
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"int8_linear", address<Int8LinearFn>(&int8_linear)}, {"int8_scale_bias_", address<ScaleBiasFn>(&int8_scale_bias_)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
 }

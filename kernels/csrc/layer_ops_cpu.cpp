@@ -16,6 +16,7 @@
 // into FMAs, both of which change the rounding. The reduction uses `omp simd reduction`, which
 // allows its reassociation (and so vectorisation) and nothing else.
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <cmath>
 #if defined(__AVX512F__)
@@ -338,5 +339,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of fused qkv rows: q returned, k/v into the cache");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up of [T, 2I] gate_up rows, as torch rounds it");
   m.def("argmax_rows", &argmax_rows, "index of each row's first maximum (NaN counts as the maximum)");
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"rms_norm", address<NormFn>(&rms_norm)}, {"add_rms_norm_", address<AddNormFn>(&add_rms_norm_)},
+        {"rope_write_kv", address<RopeFn>(&rope_write_kv)}, {"silu_mul", address<SiluMulFn>(&silu_mul)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("exact_silu", &exact_silu, "whether silu_mul uses torch's vectorised exp (an AVX-512 build)");
 }

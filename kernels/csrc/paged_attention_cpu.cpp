@@ -11,6 +11,7 @@
 // context_lens [B] (int64); q [B, H, D]; out [B, H, D]. One task per (sequence, KV head):
 // its g = H / Hkv query heads share every K/V row they read.
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <cmath>
@@ -388,5 +389,9 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"paged_attention_decode", address<DecodeAttnFn>(&paged_attention_decode)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU)");
 }

@@ -55,6 +55,7 @@
 // query token, the scores of its g heads, a plain softmax and PV (as the decode kernel's loops).
 // Every path can be called by name (`paged_attention_prefill_varlen_path`) so the tests check all.
 #include <torch/extension.h>
+#include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -837,5 +838,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "varlen causal prefill attention over the paged KV cache (CPU), on the fastest path available");
   m.def("paged_attention_prefill_varlen_path", &paged_attention_prefill_varlen_path,
         "the same on a named path: 'amx', 'avx512' or 'scalar' (the portable loops), for tests");
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"paged_attention_prefill_varlen", address<PrefillAttnFn>(&paged_attention_prefill_varlen)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("paths", &paths, "the paths available for q's dtype and head size, fastest first");
 }

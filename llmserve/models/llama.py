@@ -8,7 +8,7 @@ the number of GEMM launches per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +130,9 @@ class LlamaForCausalLM(nn.Module):
         self.attention_scaling = attention_scaling
         self.ops: LayerOps = TorchLayerOps()  # the runner may swap in fused ones
         self.packed_head: nn.Module | None = None  # the LM head as a module: PackedHead (bf16 on CPU) or a quantizer's (int8)
+        # The layers in one C++ call (llmserve/models/layer_loop.py), set by the runner when every
+        # piece is one of our CPU kernels; it returns None for a step it cannot take.
+        self.layer_loop: Callable[..., torch.Tensor | None] | None = None
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed per step from positions, in float32 exactly as transformers does it.
@@ -148,6 +151,18 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], final-normed
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions, x.dtype)
+        if self.layer_loop is not None and (hidden := self.layer_loop(x, cos, sin, kv_caches, meta)) is not None:
+            return hidden
+        return self.run_layers(x, cos, sin, kv_caches, meta)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,  # [T, hidden] embeddings; the residual stream is summed into it in place
+        cos: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden], final-normed
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta, self.ops)

@@ -1,0 +1,97 @@
+"""The C++ layer loop (llmserve/models/layer_loop.py) gives the Python loop's hidden states bit for
+bit, on every kind of step: prefill chunks alone, chunks beside decodes, decodes alone, with the
+quantized linears on both sides of their row threshold, with and without biases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve import LLM, SamplingParams
+from llmserve.attention import AttentionMetadata, PrefillChunk
+from llmserve.int4_linear import KERNEL_MAX_ROWS as INT4_ROWS
+from llmserve.int8_linear import KERNEL_MAX_ROWS as INT8_ROWS
+from llmserve.models.layer_loop import LayerLoop
+from llmserve.models.packed_linear import amx_ops
+from tests.tiny_model import make_tiny_llama
+
+pytestmark = pytest.mark.skipif(amx_ops() is None, reason="the C++ layer loop needs AMX tiles (bf16 linears)")
+
+
+class Compared:
+    """Stands in for the model's layer loop: runs it, then the Python loop on a copy of the same
+    inputs, and checks the two agree exactly."""
+
+    def __init__(self, model: torch.nn.Module, loop: LayerLoop) -> None:
+        self.model, self.loop = model, loop
+        self.steps: list[tuple[int, int]] = []  # (one-token rows, multi-token rows) per compared step
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        # Both write the step's K/V (the same values) before reading them; x is summed into in place.
+        out = self.loop(x.clone(), cos, sin, kv_caches, meta)
+        assert out is not None, "every step of a C++-kernel model goes through the loop"
+        expected = self.model.run_layers(x.clone(), cos, sin, kv_caches, meta)
+        assert torch.equal(out, expected), f"max diff {(out.float() - expected.float()).abs().max()}"
+        decodes = 0 if meta.decode_batch is None else meta.decode_batch.num_rows
+        self.steps.append((decodes, x.shape[0] - decodes))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bias_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-bias"), bias=True, seed=2)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "bias"])
+def test_layer_loop_matches_python_loop(
+    quantization: str | None, biased: bool, tiny_path: Path, tiny_bias_path: Path
+) -> None:
+    # A small token budget: long prompts prefill in chunks beside running decodes.
+    llm = LLM(
+        model=str(tiny_bias_path if biased else tiny_path), dtype="bfloat16", quantization=quantization,
+        max_num_batched_tokens=64, max_num_seqs=16,
+    )  # fmt: skip
+    model = llm.engine.runner.model
+    assert isinstance(model.layer_loop, LayerLoop), "bf16 with AMX: every linear is one of our kernels"
+    compared = Compared(model, model.layer_loop)
+    model.layer_loop = compared
+    lengths = [5, 90, 17, 3, 150, 40, 8, 66, 2, 120, 31, 12, 77, 9]
+    prompts = [[(7 * i + 13 * j) % 40000 + 100 for j in range(n)] for i, n in enumerate(lengths)]
+    # Answers of different lengths, so the decode batch shrinks through both row thresholds.
+    params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    results = llm.generate(prompts, params)
+    assert [len(r.outputs[0].token_ids) for r in results] == [p.max_tokens for p in params]
+    kinds = {(d > 0, p > 0) for d, p in compared.steps}
+    assert kinds == {(False, True), (True, True), (True, False)}, compared.steps
+    decode_rows = {d for d, p in compared.steps if p == 0}
+    assert min(decode_rows) <= min(INT4_ROWS, INT8_ROWS) and max(decode_rows) > max(INT4_ROWS, INT8_ROWS)
+
+
+def test_float32_keeps_the_python_loop(tiny_path: Path) -> None:
+    # float32 linears are MKL's (transformers' bits), not one of our kernels.
+    llm = LLM(model=str(tiny_path), dtype="float32")
+    assert llm.engine.runner.model.layer_loop is None
+
+
+def test_loop_declines_torch_attention_steps(tiny_path: Path) -> None:
+    llm = LLM(model=str(tiny_path), dtype="bfloat16")
+    loop = llm.engine.runner.model.layer_loop
+    assert isinstance(loop, LayerLoop)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(2, dtype=torch.int64), decode_groups=[], chunks=[])
+    other_caches = [(c[0].clone(), c[1].clone()) for c in llm.engine.runner.kv_caches]
+    # Caches it does not hold, or chunks for the torch prefill reference: the Python loop's job.
+    assert loop(x, x[:, :16], x[:, :16], other_caches, meta) is None
+    chunk = PrefillChunk(token_start=0, num_tokens=2, start=0, index=torch.zeros(1, 2, 1, dtype=torch.int64))
+    with_chunks = AttentionMetadata(slot_mapping=meta.slot_mapping, decode_groups=[], chunks=[chunk])
+    assert loop(x, x[:, :16], x[:, :16], llm.engine.runner.kv_caches, with_chunks) is None
