@@ -166,7 +166,9 @@ bool has_amx() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("amx_linear", &amx_linear, "bf16(x @ W.T + bias) for W in the [N/16, K/32, 16, 32] tile layout",
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("amx_linear", &amx_linear, nogil, "bf16(x @ W.T + bias) for W in the [N/16, K/32, 16, 32] tile layout",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none());
   m.def("addresses", [] {
     using namespace llmserve_abi;

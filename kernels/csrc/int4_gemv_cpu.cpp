@@ -309,9 +309,11 @@ bool has_avx512() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_linear", &int4_linear, "T(x @ W.T + bias) for 4-bit group-quantized W (see the layout)",
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("int4_linear", &int4_linear, nogil, "T(x @ W.T + bias) for 4-bit group-quantized W (see the layout)",
         py::arg("x"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none());
-  m.def("int4_quantize_activations", &int4_quantize_activations,
+  m.def("int4_quantize_activations", &int4_quantize_activations, nogil,
         "the kernel's int8 activations: (codes, scales, sums) per group of 32", py::arg("x"));
   m.def("addresses", [] {
     using namespace llmserve_abi;

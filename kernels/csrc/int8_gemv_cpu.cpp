@@ -291,11 +291,13 @@ bool has_avx512() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_pack", &int8_pack, "int8 codes [N, K] -> the kernel's [ceil(N / 16), K, 16] layout",
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("int8_pack", &int8_pack, nogil, "int8 codes [N, K] -> the kernel's [ceil(N / 16), K, 16] layout",
         py::arg("q"));
-  m.def("int8_linear", &int8_linear, "T(T(x @ q.T) * scales + bias) for packed int8 codes", py::arg("x"),
+  m.def("int8_linear", &int8_linear, nogil, "T(T(x @ q.T) * scales + bias) for packed int8 codes", py::arg("x"),
         py::arg("w"), py::arg("scales"), py::arg("bias") = py::none());
-  m.def("int8_scale_bias_", &int8_scale_bias_, "y = T(y * scales + bias) in place (the GEMM path's epilogue)",
+  m.def("int8_scale_bias_", &int8_scale_bias_, nogil, "y = T(y * scales + bias) in place (the GEMM path's epilogue)",
         py::arg("y"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("addresses", [] {
     using namespace llmserve_abi;

@@ -334,11 +334,13 @@ bool exact_silu() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "transformers-style RMSNorm of [T, n] rows");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x, then RMSNorm of residual");
-  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of fused qkv rows: q returned, k/v into the cache");
-  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of [T, 2I] gate_up rows, as torch rounds it");
-  m.def("argmax_rows", &argmax_rows, "index of each row's first maximum (NaN counts as the maximum)");
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("rms_norm", &rms_norm, nogil, "transformers-style RMSNorm of [T, n] rows");
+  m.def("add_rms_norm_", &add_rms_norm_, nogil, "residual += x, then RMSNorm of residual");
+  m.def("rope_write_kv", &rope_write_kv, nogil, "rotary embedding of fused qkv rows: q returned, k/v into the cache");
+  m.def("silu_mul", &silu_mul, nogil, "SiLU(gate) * up of [T, 2I] gate_up rows, as torch rounds it");
+  m.def("argmax_rows", &argmax_rows, nogil, "index of each row's first maximum (NaN counts as the maximum)");
   m.def("addresses", [] {
     using namespace llmserve_abi;
     return Addresses{{"rms_norm", address<NormFn>(&rms_norm)}, {"add_rms_norm_", address<AddNormFn>(&add_rms_norm_)},

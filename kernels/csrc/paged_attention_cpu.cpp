@@ -389,9 +389,11 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
   m.def("addresses", [] {
     using namespace llmserve_abi;
     return Addresses{{"paged_attention_decode", address<DecodeAttnFn>(&paged_attention_decode)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
-  m.def("paged_attention_decode", &paged_attention_decode, "paged decode attention (CPU)");
+  m.def("paged_attention_decode", &paged_attention_decode, nogil, "paged decode attention (CPU)");
 }

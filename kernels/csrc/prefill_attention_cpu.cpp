@@ -834,9 +834,11 @@ torch::Tensor paged_attention_prefill_varlen_path(torch::Tensor q, torch::Tensor
 std::vector<std::string> paths(torch::Tensor q) { return paths_for(q.scalar_type(), q.size(-1)); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_prefill_varlen", &paged_attention_prefill_varlen,
+  // Pure tensor work: the server's event loop may run meanwhile (as it may beside torch's own ops).
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("paged_attention_prefill_varlen", &paged_attention_prefill_varlen, nogil,
         "varlen causal prefill attention over the paged KV cache (CPU), on the fastest path available");
-  m.def("paged_attention_prefill_varlen_path", &paged_attention_prefill_varlen_path,
+  m.def("paged_attention_prefill_varlen_path", &paged_attention_prefill_varlen_path, nogil,
         "the same on a named path: 'amx', 'avx512' or 'scalar' (the portable loops), for tests");
   m.def("addresses", [] {
     using namespace llmserve_abi;
