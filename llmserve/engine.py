@@ -84,7 +84,8 @@ class LLMEngine:
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.sampler = Sampler(self.vocab_size, seed=mc.seed, argmax=self.runner.model.ops.argmax)
+        ops = self.runner.model.ops
+        self.sampler = Sampler(self.vocab_size, seed=mc.seed, argmax=ops.argmax, top_p_cut=ops.top_p_cut)
 
         self.requests: dict[str, list[Request]] = {}
         self._detokenizers: dict[tuple[str, int], IncrementalDetokenizer] = {}

@@ -1,5 +1,6 @@
 """The CPU fast paths against the torch reference they replace: the fused C++ layer ops
-(kernels/csrc/layer_ops_cpu.cpp), oneDNN-packed bf16 linears and the bf16 LM head."""
+(kernels/csrc/layer_ops_cpu.cpp, with the sampler's top_p threshold), oneDNN-packed bf16 linears and the
+bf16 LM head."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from torch import nn
 
 from llmserve.models.layer_ops import FusedCpuLayerOps, TorchLayerOps
 from llmserve.models.packed_linear import PackedHead, PackedLinear, can_pack, pack_linears
+from llmserve.request import Request
+from llmserve.sampler import Sampler, sorted_top_p_cut
+from llmserve.sampling_params import SamplingParams
 from llmserve_kernels import cpu_ops
 
 H, HKV, D, BLOCK = 9, 3, 64, 16
@@ -130,3 +134,47 @@ def test_pack_linears_replaces_every_linear() -> None:
     assert len(pack_linears(model)) == 2
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     torch.testing.assert_close(model(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def nucleus_cut_float64(probs: torch.Tensor, top_p: float) -> float:
+    """The nucleus threshold the slow exact way: float64 sums in probability order."""
+    ordered = probs.double().sort(descending=True).values
+    mass_before = ordered.cumsum(0) - ordered
+    return float(ordered[max(1, int((mass_before < top_p).sum())) - 1])
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 49152])
+def test_top_p_cut_matches_float64_nucleus(fused_module, vocab: int) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(vocab)
+    sharpness = torch.tensor([0.3, 1.0, 3.0, 8.0]).repeat(4)[:, None]  # flat to peaked rows
+    probs = (torch.randn(16, vocab, generator=gen) * sharpness).softmax(-1)  # [16, V]
+    top_p = torch.rand(16, 1, generator=gen) * 0.98 + 0.01
+    cut = fused_module.top_p_cut(probs, top_p)
+    expected = [nucleus_cut_float64(probs[r], float(top_p[r])) for r in range(16)]
+    assert cut.squeeze(1).tolist() == pytest.approx(expected, rel=0, abs=0)
+    assert (cut <= probs.amax(-1, keepdim=True)).all()  # the top token is always in
+
+
+def test_top_p_cut_keeps_ties_whole_and_agrees_with_the_sorted_reference(fused_module) -> None:  # type: ignore[no-untyped-def]
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2], [0.2] * 5, [1.0, 0.0, 0.0, 0.0, 0.0]])
+    top_p = torch.tensor([[0.4], [0.5], [0.9]])
+    # Row 0: 0.3 alone is below 0.4, so every 0.2 is in; row 1: all tied; row 2: one token.
+    expected = torch.tensor([[0.2], [0.2], [1.0]])
+    assert torch.equal(fused_module.top_p_cut(probs, top_p), expected)
+    assert torch.equal(sorted_top_p_cut(probs, top_p), expected)
+    # A top_p the row's mass never reaches (here it sums to 0.75): nothing is cut.
+    assert fused_module.top_p_cut(torch.full((1, 3), 0.25), torch.tensor([[0.9]])).item() == 0.0
+
+
+def test_sampler_with_the_cpp_cut_stays_in_the_nucleus(fused_module) -> None:  # type: ignore[no-untyped-def]
+    vocab, draws = 64, 3000
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5))
+    probs = row.softmax(-1)
+    allowed = set(torch.nonzero(probs >= nucleus_cut_float64(probs, 0.7)).flatten().tolist())
+    sampler = Sampler(vocab, seed=1, top_p_cut=fused_module.top_p_cut)
+    requests = [
+        Request(request_id=f"r{i}", prompt_token_ids=[1], sampling_params=SamplingParams(top_p=0.7))
+        for i in range(draws)
+    ]
+    seen = set(sampler.sample(row.expand(draws, vocab), requests).token_ids)
+    assert seen == allowed

@@ -1,5 +1,5 @@
 // Fused per-layer elementwise ops for CPU: RMSNorm (with the residual add), rotary embedding with
-// the KV-cache write, SiLU-and-multiply, and the greedy sampler's row argmax.
+// the KV-cache write, SiLU-and-multiply, and for the sampler the row argmax and the top_p threshold.
 //
 // Why: in a decode step of a small model the matmuls are a few hundred microseconds per layer,
 // and the ~35 small torch ops around them (each a dispatch, an allocation and a pass over memory)
@@ -23,7 +23,10 @@
 #include <immintrin.h>
 #include <sleef.h>
 #endif
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -265,6 +268,41 @@ void argmax_impl(const torch::Tensor& x, torch::Tensor& out) {
   });
 }
 
+// The nucleus (top_p) threshold of one row of probabilities, without sorting the row: the row's
+// mass in a histogram over the top bits of the float32 bit pattern (non-negative floats order
+// like their bit patterns; 4096 bins, 16 a binade), scanned from the top down to the bin where
+// the mass reaches top_p, and only that bin's values sorted. Returns x*, the smallest p_t whose
+// strictly-more-likely mass is below top_p (llmserve/sampler.py, top_p_cut); 0 when the whole
+// row's mass stays below top_p. Sums in double. Why: sorting a 49152-token row took ~2.8 ms here.
+constexpr int kCutShift = 19;           // bits dropped from a float32 pattern for its bin
+constexpr int kCutBins = 1 << (31 - kCutShift);
+
+float top_p_cut_row(const float* p, int64_t n, double top_p, std::vector<double>& mass, std::vector<float>& ties) {
+  std::fill(mass.begin(), mass.end(), 0.0);
+  auto bin_of = [](float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return static_cast<int>(bits >> kCutShift);
+  };
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i] > 0.f) mass[bin_of(p[i])] += p[i];  // NaN and zeros hold no mass
+  double above = 0.0;
+  int bin = kCutBins - 1;
+  for (; bin >= 0 && above + mass[bin] < top_p; --bin) above += mass[bin];
+  if (bin < 0) return 0.f;
+  ties.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i] > 0.f && bin_of(p[i]) == bin) ties.push_back(p[i]);
+  std::sort(ties.begin(), ties.end(), std::greater<float>());
+  float cut = ties.front();  // `above` < top_p: the bin's largest value is in
+  for (size_t j = 0; j < ties.size() && above < top_p;) {
+    const float v = ties[j];
+    cut = v;
+    for (; j < ties.size() && ties[j] == v; ++j) above += v;  // a tie group comes in whole
+  }
+  return cut;
+}
+
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
 }
@@ -323,6 +361,24 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+torch::Tensor top_p_cut(const torch::Tensor& probs, const torch::Tensor& top_p) {
+  check_rows(probs, "probs");
+  TORCH_CHECK(probs.scalar_type() == torch::kFloat32, "probs must be float32");
+  const auto p = top_p.to(torch::kFloat64).contiguous();
+  TORCH_CHECK(p.numel() == probs.size(0), "top_p: one value per row");
+  auto out = torch::empty({probs.size(0), 1}, probs.options());
+  const float* pp = probs.data_ptr<float>();
+  const double* tp = p.data_ptr<double>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = probs.size(1), stride = probs.stride(0);
+  at::parallel_for(0, probs.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mass(kCutBins);
+    std::vector<float> ties;
+    for (int64_t r = begin; r < end; ++r) op[r] = top_p_cut_row(pp + r * stride, n, tp[r], mass, ties);
+  });
+  return out;
+}
+
 bool exact_silu() {
 #if defined(__AVX512F__)
   return true;
@@ -340,6 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, nogil, "residual += x, then RMSNorm of residual");
   m.def("rope_write_kv", &rope_write_kv, nogil, "rotary embedding of fused qkv rows: q returned, k/v into the cache");
   m.def("silu_mul", &silu_mul, nogil, "SiLU(gate) * up of [T, 2I] gate_up rows, as torch rounds it");
+  m.def("top_p_cut", &top_p_cut, nogil, "[R, V] float32 probabilities, [R] top_p -> [R, 1] nucleus threshold");
   m.def("argmax_rows", &argmax_rows, nogil, "index of each row's first maximum (NaN counts as the maximum)");
   m.def("addresses", [] {
     using namespace llmserve_abi;

@@ -1,5 +1,5 @@
 """The elementwise work around a layer's matmuls: RMSNorm (with the residual add), the rotary
-embedding with the KV-cache write, and SiLU-and-multiply; plus the greedy sampler's row argmax.
+embedding with the KV-cache write, and SiLU-and-multiply; plus the sampler's row argmax and top_p threshold.
 
 `TorchLayerOps` is the reference: transformers' arithmetic, op for op, so float32 greedy output
 matches it token for token. `FusedCpuLayerOps` does the same work in one C++ pass per op
@@ -78,6 +78,9 @@ class TorchLayerOps:
     # A faster greedy argmax for the sampler ([B, V] rows -> [B] long, first maximum on ties, NaN
     # counting as the maximum), or None: the sampler's own torch one.
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # A faster nucleus threshold for the sampler (probs [R, V] float32, top_p [R, 1] -> [R, 1]; see
+    # sampler.sorted_top_p_cut), or None: the sampler's torch one, which sorts every row.
+    top_p_cut: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class FusedCpuLayerOps(TorchLayerOps):
@@ -89,6 +92,8 @@ class FusedCpuLayerOps(TorchLayerOps):
         # CPU rows with a contiguous last dimension, which the sampler's logits always are: 0.3 ms
         # for [64, 49152] bf16 where torch's max() takes 3.1 ms and argmax() more.
         self.argmax = module.argmax_rows
+        # No sort: 64 rows of 49152 took ~0.18 s to sort on this CPU.
+        self.top_p_cut = module.top_p_cut
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._fused_norm:
