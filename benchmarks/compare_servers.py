@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {ceilings.describe()}")
     extra = {"llmserve": shlex.split(args.llmserve_args), "transformers": shlex.split(args.transformers_args)}
     weights = {
-        s.name: weight_bytes(s.name, args.dtype, extra.get(s.name, []), gguf, ceilings.size.params)
+        s.name: weight_bytes(s.name, args.dtype, extra.get(s.name, []), gguf, ceilings.size)
         for s in specs
     }
     runs = [run for spec in specs for run in run_server(args, spec)]

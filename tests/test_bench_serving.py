@@ -286,11 +286,13 @@ def test_roofline_figures_from_token_counts(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"\0" * 1234)
     weights = {
-        "llmserve": weight_bytes("llmserve", "bfloat16", [], gguf, size.params),
-        "int8": weight_bytes("llmserve", "bfloat16", ["--quantization", "int8"], gguf, size.params),
-        "llama.cpp": weight_bytes("llama.cpp", "bfloat16", [], gguf, size.params),
+        "llmserve": weight_bytes("llmserve", "bfloat16", [], gguf, size),
+        "int8": weight_bytes("llmserve", "bfloat16", ["--quantization", "int8"], gguf, size),
+        "int4": weight_bytes("llmserve", "bfloat16", ["--quantization", "int4"], gguf, size),
+        "llama.cpp": weight_bytes("llama.cpp", "bfloat16", [], gguf, size),
     }
-    assert weights == {"llmserve": 200_000_000, "int8": 100_000_000, "llama.cpp": 1234}
+    # int4: the 80M body weights at 20 bytes per 32, the 20M head in int8.
+    assert weights == {"llmserve": 200_000_000, "int8": 100_000_000, "int4": 70_000_000, "llama.cpp": 1234}
 
     # 1000 prompt + 500 answer tokens in 2 s: (2 * 80M * 1500 + 2 * 20M * 500) / 2 s = 130 GFLOP/s.
     metrics_1 = {"total_input_tokens": 1000, "total_output_tokens": 500, "duration": 2.0, "output_throughput": 250.0}

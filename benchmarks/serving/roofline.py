@@ -42,19 +42,22 @@ class Ceilings:
                 f"streaming read, {self.matmul_gflop_per_s:.0f} GFLOP/s {self.dtype} 2048^3 matmul")  # fmt: skip
 
 
-def weight_bytes(server: str, dtype: str, extra_args: list[str], gguf: Path, params: int) -> int:
+def weight_bytes(server: str, dtype: str, extra_args: list[str], gguf: Path, size: bench_offline.ModelSize) -> int:
     """Bytes of weights one forward pass reads, by what each server holds.
 
     llmserve and transformers hold every weight in `dtype`; llmserve's `--quantization int8` holds
-    one byte per weight (the per-row scales are noise). llama.cpp runs the GGUF's own blocks (Q4_1
-    here): the file's size is what it reads."""
+    one byte per weight (the per-row scales are noise), and `int4` the body in Q4_1 (20 bytes per
+    32 weights) with the LM head in int8. llama.cpp runs the GGUF's own blocks (Q4_1 here): the
+    file's size is what it reads."""
     if server == "llama.cpp":
         return gguf.stat().st_size
     quantization = (
         extra_args[extra_args.index("--quantization") + 1] if "--quantization" in extra_args else None
     )
+    if quantization == "int4":
+        return (size.params - size.embed_params) * 20 // 32 + size.embed_params
     per_param = 1 if quantization == "int8" else _DTYPE_BYTES.get(dtype, 2)
-    return params * per_param
+    return size.params * per_param
 
 
 def roofline_rows(
