@@ -13,6 +13,15 @@ from server_helpers import API_KEY, ServerProcess
 from tiny_model import make_tiny_llama
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # On a fresh machine the seven C++ kernels compile on first use, one after another (~6 min on
+    # 2 cores); two at a time up front takes about half. A kernel that cannot build is left to its
+    # loader, which warns and falls back as it would without this.
+    from llmserve_kernels import cpu_ops
+
+    cpu_ops.build_all()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """`llmserve serve` on the built-in model, on a 127.0.0.1 port it picks itself, with an API key."""

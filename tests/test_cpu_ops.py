@@ -42,3 +42,11 @@ def test_build_clears_the_extension_lock_before_loading(tmp_path: Path, monkeypa
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert cpu_ops._build("llmserve_lock_probe", sources=["x.cpp"]) == "module"
     assert seen == {"name": "llmserve_lock_probe", "sources": ["x.cpp"], "lock_present": False}
+
+
+def test_build_all_names_every_kernel_loader() -> None:
+    # The session start builds cpu_ops.LOADERS two at a time: a loader left out of it would still
+    # work, but build alone later, on the tests' clock.
+    loaders = {name for name in vars(cpu_ops) if name.startswith("load")}
+    assert set(cpu_ops.LOADERS) == loaders
+    assert cpu_ops.build_all() == []  # all built here (the session start did it), none failed

@@ -92,6 +92,7 @@ class LayerLoop {
   Tensor forward(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& slots, Step step) {
     TORCH_CHECK(step.num_decode_rows == 0 || (step.decode_tables && step.decode_lens), "decode rows need tables");
     TORCH_CHECK(!step.prefill_tables || prefill_, "layer loop built without the prefill kernel");
+    TORCH_CHECK(!step.prefill_tables || (step.prefill_cu && step.prefill_lens), "chunks need cu_seqlens and lens");
     TORCH_CHECK(step.num_decode_rows <= x.size(0), "more decode rows than tokens");
     const int64_t num_tokens = x.size(0);
     Tensor residual;

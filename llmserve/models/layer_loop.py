@@ -116,7 +116,7 @@ def _unsupported(model: nn.Module, decode_kernel: object, prefill_kernel: object
     from llmserve_kernels import cpu_ops
 
     ops = model.ops  # type: ignore[attr-defined]
-    if not isinstance(ops, FusedCpuLayerOps) or not (ops._fused_norm and ops._fused_silu):
+    if not isinstance(ops, FusedCpuLayerOps) or not ops.all_fused:
         return "the layer ops are not all fused C++ ones (float32, or a CPU without AVX-512)"
     if model.arch.qk_norm:  # type: ignore[attr-defined]
         return "q/k norm (Qwen3) is not in the C++ loop"

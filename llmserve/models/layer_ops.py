@@ -95,6 +95,12 @@ class FusedCpuLayerOps(TorchLayerOps):
         # No sort: 64 rows of 49152 took ~0.18 s to sort on this CPU.
         self.top_p_cut = module.top_p_cut
 
+    @property
+    def all_fused(self) -> bool:
+        """Whether every op here is the C++ one (not float32's torch norm, nor torch's silu on a
+        CPU without AVX-512): what the C++ layer loop (models/layer_loop.py) calls."""
+        return self._fused_norm and self._fused_silu
+
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._fused_norm:
             return self._ops.rms_norm(x, weight, eps)
