@@ -44,6 +44,8 @@ def _build(name: str, **kwargs: Any) -> ModuleType:
 
     clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
     return cpp_extension.load(name=name, **kwargs)
+
+
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # the head sizes the kernel is instantiated for
 
 

@@ -96,21 +96,21 @@ class Sampler:
         greedy = [r.sampling_params.greedy for r in requests]
         if all(greedy):
             return self._argmax(logits)
-        token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
-        greedy_rows = [i for i, g in enumerate(greedy) if g]
-        if greedy_rows:
-            rows = _to_device(greedy_rows, logits.device)
-            token_ids[rows] = self._argmax(logits[rows])
         random_rows = [i for i, g in enumerate(greedy) if not g]
         random_requests = [requests[i] for i in random_rows]
-        rows = _to_device(random_rows, logits.device)
-        random_logits = logits[rows] if greedy_rows else logits  # [R, V]; the filters below never write in place
+        mixed = len(random_rows) < len(requests)
+        random_rows_t = _to_device(random_rows, logits.device) if mixed else None
+        # [R, V]; the filters below never write in place, so an all-random batch needs no copy
+        random_logits = logits if random_rows_t is None else logits[random_rows_t]
         random_logits = _apply_temperature(random_logits, random_requests)
         random_logits = _apply_top_k_top_p_min_p(random_logits, random_requests, self._top_p_cut)
         drawn = self._draw(random_logits.softmax(dim=-1), random_requests)  # [R]
-        if not greedy_rows:
+        if random_rows_t is None:
             return drawn
-        token_ids[rows] = drawn
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
+        greedy_rows = _to_device([i for i, g in enumerate(greedy) if g], logits.device)
+        token_ids[greedy_rows] = self._argmax(logits[greedy_rows])
+        token_ids[random_rows_t] = drawn
         return token_ids
 
     def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -42,6 +42,13 @@ std::uintptr_t address(Fn fn) {
   return reinterpret_cast<std::uintptr_t>(fn);
 }
 
+// A kernel the model may not use (int8, int4, prefill attention): nullptr when its module was not given.
+template <class Fn>
+Fn optional_function(const Addresses& table, const std::string& name) {
+  auto it = table.find(name);
+  return it == table.end() ? nullptr : reinterpret_cast<Fn>(it->second);
+}
+
 template <class Fn>
 Fn function(const Addresses& table, const std::string& name) {
   auto it = table.find(name);

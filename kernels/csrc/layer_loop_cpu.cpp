@@ -56,17 +56,15 @@ class LayerLoop {
   LayerLoop(const Addresses& fns, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
             double scale, Tensor final_norm)
       : amx_(function<PackedLinearFn>(fns, "amx_linear")),
-        int4_(fns.count("int4_linear") ? function<PackedLinearFn>(fns, "int4_linear") : nullptr),
-        int8_(fns.count("int8_linear") ? function<Int8LinearFn>(fns, "int8_linear") : nullptr),
-        scale_bias_(fns.count("int8_scale_bias_") ? function<ScaleBiasFn>(fns, "int8_scale_bias_") : nullptr),
+        int4_(optional_function<PackedLinearFn>(fns, "int4_linear")),
+        int8_(optional_function<Int8LinearFn>(fns, "int8_linear")),
+        scale_bias_(optional_function<ScaleBiasFn>(fns, "int8_scale_bias_")),
         norm_(function<NormFn>(fns, "rms_norm")),
         add_norm_(function<AddNormFn>(fns, "add_rms_norm_")),
         rope_(function<RopeFn>(fns, "rope_write_kv")),
         silu_mul_(function<SiluMulFn>(fns, "silu_mul")),
         decode_(function<DecodeAttnFn>(fns, "paged_attention_decode")),
-        prefill_(fns.count("paged_attention_prefill_varlen")
-                     ? function<PrefillAttnFn>(fns, "paged_attention_prefill_varlen")
-                     : nullptr),
+        prefill_(optional_function<PrefillAttnFn>(fns, "paged_attention_prefill_varlen")),
         num_heads_(num_heads),
         num_kv_heads_(num_kv_heads),
         head_dim_(head_dim),

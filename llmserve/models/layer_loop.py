@@ -31,6 +31,7 @@ from llmserve.models.packed_linear import AmxLinear
 logger = logging.getLogger("llmserve.models")
 
 KIND_AMX, KIND_INT8, KIND_INT4 = 0, 1, 2
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # a layer's, in LayerLoop.add_layer's order
 
 
 class LayerLoop:
@@ -83,7 +84,6 @@ def build_layer_loop(
     kernels: list[ModuleType | None] = [cpu_ops.load(), cpu_ops.load_layer_ops(), cpu_ops.load_amx_linear()]
     if prefill_kernel is not None:
         kernels.append(cpu_ops.load_prefill())
-    layers = model.layers  # type: ignore[attr-defined]
     for linear in _linears(model):
         if isinstance(linear, KernelLinear):
             kernels.append(linear.ops)
@@ -96,10 +96,10 @@ def build_layer_loop(
         addresses, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps, arch.head_dim**-0.5,
         model.norm.detach(),  # type: ignore[attr-defined]
     )  # fmt: skip
-    for layer, (k_cache, v_cache) in zip(layers, kv_caches, strict=True):
+    for layer, (k_cache, v_cache) in zip(model.layers, kv_caches, strict=True):  # type: ignore[attr-defined]
         loop.add_layer(
             layer.input_norm.detach(), layer.post_attn_norm.detach(),
-            *(_describe(module, getattr(layer, name)) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+            *(_describe(module, getattr(layer, name)) for name in LINEARS),
             k_cache, v_cache,
         )  # fmt: skip
     logger.info("layers run from C++ (%d layers, one call a step)", loop.num_layers())
@@ -107,8 +107,7 @@ def build_layer_loop(
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
-    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    return [getattr(layer, name) for layer in model.layers for name in names]  # type: ignore[attr-defined]
+    return [getattr(layer, name) for layer in model.layers for name in LINEARS]  # type: ignore[attr-defined]
 
 
 def _unsupported(model: nn.Module, decode_kernel: object, prefill_kernel: object) -> str:
