@@ -142,21 +142,18 @@ class Sampler:
                         1, dtype=torch.float64, device=device, generator=self._request_generator(request, device)
                     )
         blocks = F.pad(probs, (0, -vocab % _CDF_BLOCK)).view(num_rows, -1, _CDF_BLOCK)  # [R, nb, block], 0-padded
-        block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [R, nb]
+        block_mass = blocks.sum(dim=-1)  # [R, nb]
+        block_cdf = block_mass.double().cumsum(dim=-1)  # [R, nb]
         targets = uniforms * block_cdf[:, -1:]  # [R, 1], below each row's total mass
         # right=True: the first index whose running sum is strictly above the target, so a token
-        # with no mass (the sum flat across it) is never picked.
-        block = torch.searchsorted(block_cdf, targets, right=True).clamp_(max=blocks.shape[1] - 1)  # [R, 1]
+        # with no mass (the sum flat across it) is never picked. Rounding (u * total reaching the
+        # total, or the two levels' sums differing in the last bit) can put the target just past
+        # the end: each search is clamped to the last block, then the last token, that has mass.
+        block = torch.minimum(torch.searchsorted(block_cdf, targets, right=True), _last_positive(block_mass))
         before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_(min=0)), 0.0)  # [R, 1]
         inside = blocks[torch.arange(num_rows, device=device), block.squeeze(1)]  # [R, block]
         offset = torch.searchsorted(inside.double().cumsum(dim=-1) + before, targets, right=True)  # [R, 1]
-        token_ids = (block * _CDF_BLOCK + offset.clamp_(max=_CDF_BLOCK - 1)).squeeze(1).clamp_(max=vocab - 1)  # [R]
-        # Rounding between the two levels can leave the target at a block's very end, on a token
-        # with no mass (p ~ 1e-16): take the row's most likely token there instead.
-        empty = probs.gather(1, token_ids.unsqueeze(1)).squeeze(1) <= 0  # [R]
-        if bool(empty.any()):
-            token_ids = torch.where(empty, self._argmax(probs), token_ids)
-        return token_ids
+        return (block * _CDF_BLOCK + torch.minimum(offset, _last_positive(inside))).squeeze(1)  # [R]
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._shared_generators.get(device)
@@ -447,6 +444,13 @@ def _plain_greedy(requests: Sequence[Request], vocab_size: int) -> bool:
         if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             return False
     return True
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:  # [R, n] -> [R, 1] long
+    """The last column of each row holding a positive value (0 for a row with none), on the
+    device and without a host sync."""
+    positions = torch.arange(1, x.shape[1] + 1, device=x.device)  # [n]
+    return ((x > 0) * positions).argmax(dim=-1, keepdim=True)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B] long

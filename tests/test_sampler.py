@@ -428,3 +428,14 @@ def test_rank_counts_only_strictly_more_likely_tokens() -> None:
     assert entries[0].rank == 1  # uniform: everything ties for first
     assert entries[1].rank == 1
     assert Sampler.prompt_logprobs(logits[1:], [0], k=0)[0].rank == 3
+
+
+def test_a_draw_at_the_very_end_of_the_cdf_lands_on_the_last_token_with_mass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # u * total can round up to the total (u = 1 here stands for that rounding): the search would
+    # run past the last token with mass, into zero-probability tokens (an empty block, the padding).
+    probs = torch.zeros(2, 600)
+    probs[0, 10] = 1.0
+    probs[1, 300], probs[1, 301] = 0.5, 0.5
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, generator=None: self.fill_(1.0))
+    drawn = Sampler(600)._draw(probs, [make_request(temperature=1.0) for _ in range(2)])
+    assert drawn.tolist() == [10, 301]
