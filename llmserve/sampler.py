@@ -141,7 +141,8 @@ class Sampler:
                     uniforms[i] = torch.rand(
                         1, dtype=torch.float64, device=device, generator=self._request_generator(request, device)
                     )
-        blocks = F.pad(probs, (0, -vocab % _CDF_BLOCK)).view(num_rows, -1, _CDF_BLOCK)  # [R, nb, block], 0-padded
+        padded = probs if vocab % _CDF_BLOCK == 0 else F.pad(probs, (0, -vocab % _CDF_BLOCK))  # a copy only if needed
+        blocks = padded.view(num_rows, -1, _CDF_BLOCK)  # [R, nb, block], zero-padded
         block_mass = blocks.sum(dim=-1)  # [R, nb]
         block_cdf = block_mass.double().cumsum(dim=-1)  # [R, nb]
         targets = uniforms * block_cdf[:, -1:]  # [R, 1], below each row's total mass

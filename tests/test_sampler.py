@@ -120,15 +120,19 @@ def test_free_restarts_the_seeded_stream() -> None:
     assert continued != first
 
 
-def test_sampling_follows_the_distribution() -> None:
-    probs = torch.tensor([0.5, 0.3, 0.2] + [0.0] * (VOCAB - 3))
-    logits = probs.log().expand(4000, VOCAB)  # [4000, V]
-    sampler = Sampler(VOCAB)
+@pytest.mark.parametrize("vocab", [VOCAB, 512])  # padded to the CDF's block size, and a whole number of blocks
+def test_sampling_follows_the_distribution(vocab: int) -> None:
+    probs = torch.zeros(vocab)
+    # Mass on both sides of a block boundary (256) when the vocabulary has more than one block.
+    heavy = [0, 1, 2] if vocab <= 256 else [0, 255, 256]
+    probs[heavy] = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().expand(4000, vocab)  # [4000, V]
+    sampler = Sampler(vocab)
     requests = [make_request() for _ in range(4000)]
     tokens = torch.tensor(sampler.sample(logits, requests).token_ids)
-    frequencies = torch.bincount(tokens, minlength=VOCAB).float() / len(tokens)
-    assert torch.allclose(frequencies[:3], probs[:3], atol=0.03)
-    assert frequencies[3:].sum() == 0
+    frequencies = torch.bincount(tokens, minlength=vocab).float() / len(tokens)
+    assert torch.allclose(frequencies[heavy], probs[heavy], atol=0.03)
+    assert frequencies.sum() - frequencies[heavy].sum() == 0
 
 
 # ---- filters ---------------------------------------------------------------------------------
