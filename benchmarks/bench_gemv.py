@@ -1,11 +1,12 @@
-"""Weight-only int8 matmul on CPU (kernels/csrc/int8_gemv_cpu.cpp) against bf16, for decode steps.
+"""Our quantized CPU matmuls (int8, int4 and w8a8 kernels) against bf16, for decode steps and beyond.
 
     python benchmarks/bench_gemv.py                    # matmuls (cold and model-sized) + decode tokens/s
     python benchmarks/bench_gemv.py --skip-decode --rows 1,8,16 --reps 20
 
 Matmuls: every matmul of one SmolLM2-135M step (30 layers x qkv [960, 576], o [576, 576],
 gate_up [3072, 576], down [576, 1536], plus the LM head [49152, 576]: 134M weights) on M rows, with
-these implementations: our int4 and int8 kernels, our AMX-tile bf16 linear the runner uses for bf16
+these implementations: our int4 and int8 kernels, our int8 x int8 AMX-tile kernel (`w8a8`, 1 byte,
+activations quantized per row; left out without AMX-INT8), our AMX-tile bf16 linear the runner uses for bf16
 on a CPU with AMX (`AmxLinear`, 2 bytes; left out elsewhere), the oneDNN-packed bf16 linear it uses
 otherwise (`PackedLinear`) and plain `F.linear` in bf16. Two working sets:
 
@@ -21,7 +22,7 @@ arithmetic catches up: the int8 kernel does 1 conversion + M FMAs per 16 weights
 compute-bound near M = 8, where oneDNN's AMX bf16 GEMM still streams at full speed.
 
 Decode: one stream (one prompt, `--decode-tokens` greedy tokens with ignore_eos) through
-`LLM(dtype="bfloat16")` and `LLM(dtype="bfloat16", quantization="int8")`; tokens/s of the best of
+`LLM(dtype="bfloat16")` and `LLM(dtype="bfloat16", quantization=...)` for int8, int4 and w8a8; tokens/s of the best of
 `--decode-runs` runs, which includes the prompt's prefill and everything else in a step
 (attention, norms, sampling, Python), not only the matmuls.
 
@@ -88,10 +89,15 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
     packed: list[PackedLinear] = []
     amx_kernel = amx_ops()
     amx: list[AmxLinear] = []
+    w8_kernel = cpu_ops.load_w8a8()
+    w8_kernel = w8_kernel if w8_kernel is not None and w8_kernel.has_amx() else None
+    w8a8: list[tuple[torch.Tensor, torch.Tensor]] = []
     for n, k in step_shapes() * copies:
         weight = (torch.randn(n, k, generator=gen) * k**-0.5).bfloat16()
         codes, scales = quantize_rows(weight)
         int8.append((ops.int8_pack(codes), scales))
+        if w8_kernel is not None:
+            w8a8.append((w8_kernel.w8a8_pack(codes), scales))
         if n != VOCAB:
             int4.append((n, pack_groups(*quantize_groups(weight))))
             int4_bytes += int4[-1][1].numel()
@@ -113,6 +119,11 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
         for w, s in heads:
             ops.int8_linear(xs[w.shape[1]], w, s, None)
 
+    def run_w8a8(xs: dict[int, torch.Tensor]) -> None:
+        assert w8_kernel is not None
+        for w, s in w8a8:
+            w8_kernel.w8a8_linear(xs[w.shape[1]], w, s, None)
+
     def run_packed(xs: dict[int, torch.Tensor]) -> None:
         for p in packed:
             p(xs[p.in_features])
@@ -127,10 +138,12 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
 
     weights = sum(n * k for n, k in step_shapes()) * copies
     steps = {"int4 kernel": run_int4, "int8 kernel": run_int8}
+    if w8a8:
+        steps["w8a8 AMX tiles"] = run_w8a8
     if amx:
         steps["bf16 AMX tiles"] = run_amx
     steps |= {"bf16 packed": run_packed, "bf16 F.linear": run_plain}
-    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights}
+    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights, "w8a8 AMX tiles": weights}
     return steps, nbytes | {name: 2 * weights for name in steps if name.startswith("bf16")}
 
 
@@ -168,6 +181,7 @@ def time_decode(tokens: int, runs: int) -> None:
         ("bf16", {}),
         ("bf16 + int8", {"quantization": "int8"}),
         ("bf16 + int4", {"quantization": "int4"}),
+        ("bf16 + w8a8", {"quantization": "w8a8"}),
     ]:
         llm = LLM(dtype="bfloat16", **kwargs)
         llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
@@ -184,7 +198,7 @@ def time_decode(tokens: int, runs: int) -> None:
         del llm
     print(
         f"  speed-up over bf16: int8 {results['bf16 + int8'] / results['bf16']:.2f}x, "
-        f"int4 {results['bf16 + int4'] / results['bf16']:.2f}x"
+        f"int4 {results['bf16 + int4'] / results['bf16']:.2f}x, w8a8 {results['bf16 + w8a8'] / results['bf16']:.2f}x"
     )
 
 

@@ -115,6 +115,13 @@ def load_amx_linear() -> ModuleType | None:
 
 
 @functools.cache
+def load_w8a8() -> ModuleType | None:
+    """The int8 x int8 AMX-tile linear layer (csrc/w8a8_linear_cpu.cpp), or None. A build on a CPU
+    without AMX-INT8 loads, and its `has_amx()` says False."""
+    return _load("w8a8 linear", "w8a8_linear_cpu.cpp", _EXACT)
+
+
+@functools.cache
 def load_layer_loop() -> ModuleType | None:
     """The decoder's layer loop in C++ over the kernels above (csrc/layer_loop_cpu.cpp), or None."""
     return _load("layer loop", "layer_loop_cpu.cpp", [], "; the layers run from Python")
@@ -122,7 +129,7 @@ def load_layer_loop() -> ModuleType | None:
 
 # Every loader above, the slowest builds first (prefill attention ~70 s on 2 cores, the rest 30-50 s).
 LOADERS = ("load_prefill", "load_int4_ops", "load_layer_ops", "load_int8_ops", "load", "load_amx_linear",
-           "load_layer_loop")  # fmt: skip
+           "load_w8a8", "load_layer_loop")  # fmt: skip
 
 
 def _build_in_child(loader: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
-QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8", "int4")  # each a quantizer registered in llmserve/quantization.py
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8", "int4", "w8a8")  # each a quantizer registered in llmserve/quantization.py
 
 
 @dataclass

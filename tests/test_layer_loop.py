@@ -51,7 +51,7 @@ def tiny_bias_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-bias"), bias=True, seed=2)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "w8a8"])
 @pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "bias"])
 def test_layer_loop_matches_python_loop(
     quantization: str | None, biased: bool, tiny_path: Path, tiny_bias_path: Path

@@ -11,7 +11,8 @@
 // Per layer, T tokens:  h = rms(x + residual)  ->  qkv  ->  rope + KV write  ->  attention
 //   -> o_proj  ->  h = rms(x + residual)  ->  down(silu(gate) * up)
 // Linears: AMX bf16 tiles; int8 / int4 kernels up to their row threshold, beyond it the AMX GEMM
-// over the dense copy (plus int8's scale epilogue), as Int8Linear / Int4Linear choose.
+// over the dense copy (plus int8's scale epilogue), as Int8Linear / Int4Linear choose; w8a8's
+// int8 tiles at every size.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -24,15 +25,15 @@ namespace {
 
 using namespace llmserve_abi;
 
-enum class Kind : int64_t { kAmx = 0, kInt8 = 1, kInt4 = 2 };
+enum class Kind : int64_t { kAmx = 0, kInt8 = 1, kInt4 = 2, kW8A8 = 3 };
 
 struct Linear {
   Kind kind;
   int64_t out_features;
   int64_t max_kernel_rows;  // int8 / int4: rows up to which the kernel runs, beyond: the AMX GEMM
   Tensor weight;            // AMX tiles (kAmx), else the kernel's packed layout
-  OptTensor scales;         // int8: per output row
-  OptTensor bias;           // the kernel's bias (float32 for int8 / int4, bf16 for AMX)
+  OptTensor scales;         // int8, w8a8: per output row
+  OptTensor bias;           // the kernel's bias (float32 for int8 / int4 / w8a8, bf16 for AMX)
   OptTensor gemm_tiles;     // int8 / int4: the dense copy in AMX tiles
   OptTensor gemm_bias;
 };
@@ -58,6 +59,7 @@ class LayerLoop {
       : amx_(function<PackedLinearFn>(fns, "amx_linear")),
         int4_(optional_function<PackedLinearFn>(fns, "int4_linear")),
         int8_(optional_function<Int8LinearFn>(fns, "int8_linear")),
+        w8a8_(optional_function<Int8LinearFn>(fns, "w8a8_linear")),
         scale_bias_(optional_function<ScaleBiasFn>(fns, "int8_scale_bias_")),
         norm_(function<NormFn>(fns, "rms_norm")),
         add_norm_(function<AddNormFn>(fns, "add_rms_norm_")),
@@ -75,7 +77,10 @@ class LayerLoop {
   void add_layer(Tensor input_norm, Tensor post_attn_norm, Linear qkv, Linear o, Linear gate_up, Linear down,
                  Tensor k_cache, Tensor v_cache) {
     for (const Linear* l : {&qkv, &o, &gate_up, &down}) {
-      TORCH_CHECK(l->kind == Kind::kAmx || l->gemm_tiles.has_value(), "layer loop: a quantized linear needs its GEMM tiles");
+      TORCH_CHECK(l->kind == Kind::kAmx || l->kind == Kind::kW8A8 || l->gemm_tiles.has_value(),
+                  "layer loop: an int8 / int4 linear needs its GEMM tiles");
+      TORCH_CHECK(l->kind != Kind::kW8A8 || (w8a8_ && l->scales.has_value()),
+                  "layer loop: w8a8 linear without the w8a8 kernel or its scales");
       TORCH_CHECK(l->kind != Kind::kInt4 || int4_, "layer loop: int4 linear without the int4 kernel");
       TORCH_CHECK(l->kind != Kind::kInt8 || (int8_ && scale_bias_ && l->scales.has_value()),
                   "layer loop: int8 linear without the int8 kernel or its scales");
@@ -117,6 +122,8 @@ class LayerLoop {
       case Kind::kInt4:
         return kernel ? int4_(x, l.weight, l.out_features, l.bias)
                       : amx_(x, *l.gemm_tiles, l.out_features, l.gemm_bias);
+      case Kind::kW8A8:
+        return w8a8_(x, l.weight, *l.scales, l.bias);
       case Kind::kInt8: {
         if (kernel) return int8_(x, l.weight, *l.scales, l.bias);
         Tensor y = amx_(x, *l.gemm_tiles, l.out_features, c10::nullopt);
@@ -144,7 +151,7 @@ class LayerLoop {
   }
 
   PackedLinearFn amx_, int4_;
-  Int8LinearFn int8_;
+  Int8LinearFn int8_, w8a8_;
   ScaleBiasFn scale_bias_;
   NormFn norm_;
   AddNormFn add_norm_;
@@ -164,7 +171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Linear>(m, "Linear")
       .def(py::init([](int64_t kind, int64_t out_features, int64_t max_kernel_rows, Tensor weight,
                        OptTensor scales, OptTensor bias, OptTensor gemm_tiles, OptTensor gemm_bias) {
-             TORCH_CHECK(kind >= 0 && kind <= 2, "kind: 0 AMX, 1 int8, 2 int4");
+             TORCH_CHECK(kind >= 0 && kind <= 3, "kind: 0 AMX, 1 int8, 2 int4, 3 w8a8");
              return Linear{static_cast<Kind>(kind), out_features, max_kernel_rows, std::move(weight),
                            std::move(scales), std::move(bias), std::move(gemm_tiles), std::move(gemm_bias)};
            }),

@@ -1,5 +1,5 @@
 """The decoder's layers run from one C++ call (kernels/csrc/layer_loop_cpu.cpp), where every piece
-of a layer is one of our CPU kernels: bf16 on a CPU with AMX, with or without int8 / int4 weights.
+of a layer is one of our CPU kernels: bf16 on a CPU with AMX, with or without int8 / int4 / w8a8 weights.
 
 The kernels, their order and their arguments are those of `LlamaLayer.forward` with
 `FusedCpuLayerOps`, so the hidden states are bit for bit the Python loop's (tests/test_layer_loop.py);
@@ -27,10 +27,11 @@ from llmserve.int4_linear import Int4Linear
 from llmserve.int8_linear import Int8Linear, KernelLinear
 from llmserve.models.layer_ops import FusedCpuLayerOps
 from llmserve.models.packed_linear import AmxLinear
+from llmserve.w8a8_linear import W8A8Linear
 
 logger = logging.getLogger("llmserve.models")
 
-KIND_AMX, KIND_INT8, KIND_INT4 = 0, 1, 2
+KIND_AMX, KIND_INT8, KIND_INT4, KIND_W8A8 = 0, 1, 2, 3
 LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # a layer's, in LayerLoop.add_layer's order
 
 
@@ -85,7 +86,7 @@ def build_layer_loop(
     if prefill_kernel is not None:
         kernels.append(cpu_ops.load_prefill())
     for linear in _linears(model):
-        if isinstance(linear, KernelLinear):
+        if isinstance(linear, KernelLinear | W8A8Linear):
             kernels.append(linear.ops)
     addresses: dict[str, int] = {}
     for kernel in kernels:
@@ -127,13 +128,15 @@ def _unsupported(model: nn.Module, decode_kernel: object, prefill_kernel: object
         return "prefill attention is not the C++ kernel"
     for linear in _linears(model):
         if _kind(linear) is None:
-            return f"a linear is {type(linear).__name__} (needs AMX tiles, or int8 / int4 over them)"
+            return f"a linear is {type(linear).__name__} (needs AMX tiles, or int8 / int4 / w8a8 over them)"
     return ""
 
 
 def _kind(linear: nn.Module) -> int | None:
     if isinstance(linear, AmxLinear):
         return KIND_AMX
+    if isinstance(linear, W8A8Linear):
+        return KIND_W8A8
     if isinstance(linear, Int8Linear | Int4Linear) and isinstance(linear.gemm, AmxLinear):
         return KIND_INT8 if isinstance(linear, Int8Linear) else KIND_INT4
     return None
@@ -145,6 +148,9 @@ def _describe(module: ModuleType, linear: nn.Module) -> object:
     if kind == KIND_AMX:
         assert isinstance(linear, AmxLinear)
         return module.Linear(KIND_AMX, linear.out_features, 0, linear.tiles, bias=linear.bias)
+    if kind == KIND_W8A8:
+        assert isinstance(linear, W8A8Linear)
+        return module.Linear(kind, linear.out_features, 0, linear.packed, scales=linear.scales, bias=linear.bias32)
     assert isinstance(linear, Int8Linear | Int4Linear) and isinstance(linear.gemm, AmxLinear)
     return module.Linear(
         kind, linear.out_features, linear.max_kernel_rows, linear.packed,

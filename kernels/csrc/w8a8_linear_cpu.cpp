@@ -1,0 +1,216 @@
+// int8 x int8 linear layer on AMX tiles (`quantization = "w8a8"`):
+//   out[M, N] = bf16((float(sum_k xq[m, k] * wq[n, k]) * sx[m]) * sw[n] + bias[n])
+// with xq = round(x * 127 / max|x[m, :]|) per row, computed here on every call, and wq the per-row
+// int8 weight codes packed at load (llmserve/w8a8_linear.py).
+//
+// Why: on this CPU the bf16 tile kernel (amx_linear_cpu.cpp) is bound by tile loads, not by the
+// multiply unit: a 2 x 2 block of C tiles needs one 1 KB tile load per tile product, and a load
+// costs about as long as two products (measured: ~43 ns a product with its loads against ~14 ns
+// without, in and out of L1 alike). `tdpbssd` takes the same time as `tdpbf16ps` over 64 int8
+// pairs instead of 32 bf16 ones, so each load carries twice the multiply-adds: half the tile time
+// per FLOP, and half the weight bytes (SmolLM2-135M body: 106 MB instead of 212 MB a step).
+//
+// Layout: W as [N / 16, K / 64, 16, 16, 4] int8: one 1 KB B tile per (16 output columns, 64 k);
+// tile row r holds, for n = 0..15, W[n][4r .. 4r + 3] (AMX's int8 VNNI order). A tiles are the
+// quantized rows, 16 rows x 64 k, row-major with stride K. Blocking, padding and prefetch are those
+// of amx_linear_cpu.cpp (2 x 2 C tiles, two column blocks a task, rows padded to 16 with zeros).
+//
+// Each row's quantization and its products depend on that row alone, in the same k order at every
+// M, so a row's output does not depend on its batch neighbours. Built without FMA contraction
+// (kernels/cpu_ops.py): the epilogue rounds where the torch reference in tests/test_w8a8.py does.
+#include <torch/extension.h>
+#include "kernel_abi.h"
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
+#define W8_AMX 1
+#include "amx_tiles.h"
+#endif
+
+namespace {
+
+constexpr int64_t kCols = 16;   // output columns of one B tile
+constexpr int64_t kDepth = 64;  // k of one tile (16 quads)
+constexpr int64_t kTile = kCols * kDepth;  // bytes of one tile
+constexpr int64_t kPrefetchTiles = 2;      // as amx_linear_cpu.cpp
+
+// [N, K] int8 codes -> the [N / 16, K / 64, 16, 16, 4] tile layout above.
+torch::Tensor w8a8_pack(const torch::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "codes must be a 2-D int8 tensor");
+  const int64_t n_len = codes.size(0), k_len = codes.size(1);
+  TORCH_CHECK(n_len % kCols == 0 && k_len % kDepth == 0, "N must be a multiple of 16 and K of 64");
+  // [N, K] -> [N/16, 16, K/64, 16, 4] -> [N/16, K/64, 16 (quad r), 16 (n), 4]
+  return codes.contiguous()
+      .view({n_len / kCols, kCols, k_len / kDepth, kDepth / 4, 4})
+      .permute({0, 2, 3, 1, 4})
+      .contiguous()
+      .view({n_len, k_len});
+}
+
+#if defined(W8_AMX)
+using llmserve_amx::amx_usable;
+
+// Row m of x (bf16) -> int8 codes at q and its scale: q = round(x * (127 / amax)), scale = amax / 127.
+inline float quantize_row(const c10::BFloat16* x, int64_t k_len, int8_t* q) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;  // max_ps drops NaNs, so they are looked for apart
+  for (int64_t k = 0; k < k_len; k += 16) {
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  const float m = nan ? NAN : _mm512_reduce_max_ps(amax);
+  if (m == 0.f || !std::isfinite(m)) {  // codes 0; the scale 0 for an all-zero row, NaN (out: NaN) for inf / NaN
+    std::memset(q, 0, k_len);
+    return m == 0.f ? 0.f : NAN;
+  }
+  const __m512 inv = _mm512_set1_ps(127.f / m);
+  for (int64_t k = 0; k < k_len; k += 16) {
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+    // round half to even (the MXCSR default), then saturate: |x * inv| <= 127 up to one rounding
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(r));
+  }
+  return m / 127.f;
+}
+
+template <int MB, int NB>
+inline void tile_products(const int8_t* a, int64_t k_len, const int8_t* b0, const int8_t* b1, int32_t* c) {
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (MB == 2) _tile_zero(2);
+  if constexpr (MB == 2 && NB == 2) _tile_zero(3);
+  for (int64_t kb = 0; kb * kDepth < k_len; ++kb) {
+    for (int64_t line = 0; line < kTile; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(b0 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
+      if constexpr (NB == 2)
+        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
+    }
+    _tile_loadd(4, a + kb * kDepth, k_len);
+    if constexpr (MB == 2) _tile_loadd(5, a + 16 * k_len + kb * kDepth, k_len);
+    _tile_loadd(6, b0 + kb * kTile, 64);
+    if constexpr (NB == 2) _tile_loadd(7, b1 + kb * kTile, 64);
+    _tile_dpbssd(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbssd(1, 4, 7);
+    if constexpr (MB == 2) _tile_dpbssd(2, 5, 6);
+    if constexpr (MB == 2 && NB == 2) _tile_dpbssd(3, 5, 7);
+  }
+  constexpr int64_t ld = 32 * 4;  // bytes between rows of c
+  _tile_stored(0, c, ld);
+  if constexpr (NB == 2) _tile_stored(1, c + 16, ld);
+  if constexpr (MB == 2) _tile_stored(2, c + 16 * 32, ld);
+  if constexpr (MB == 2 && NB == 2) _tile_stored(3, c + 16 * 32 + 16, ld);
+}
+
+// out rows [m0, m0 + rows) x columns [n0, n0 + 16 nb) = bf16((float(c) * sx) * sw + bias).
+inline void store_rows(const int32_t* c, int64_t rows, int64_t nb, const float* sx, const float* sw,
+                       const float* bias, c10::BFloat16* out, int64_t n_len, int64_t m0, int64_t n0) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 row_scale = _mm512_set1_ps(sx[m0 + i]);
+    for (int64_t j = 0; j < nb; ++j) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + i * 32 + j * 16));
+      v = _mm512_mul_ps(_mm512_mul_ps(v, row_scale), _mm512_loadu_ps(sw + n0 + j * 16));
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0 + j * 16));
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      std::memcpy(out + (m0 + i) * n_len + n0 + j * 16, &h, 32);
+    }
+  }
+}
+#endif
+
+torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous 2-D bfloat16 tensor");
+  const int64_t m_len = x.size(0), k_len = x.size(1), n_len = packed.size(0);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == k_len,
+              "packed must be the [N, K] int8 tile layout of w8a8_pack, K matching x");
+  TORCH_CHECK(k_len % kDepth == 0 && n_len % kCols == 0, "K must be a multiple of 64 and N of 16");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n_len,
+              "scales must be N contiguous float32 values");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n_len,
+                "bias must be N contiguous float32 values");
+    bp = bias->data_ptr<float>();
+  }
+  auto out = torch::empty({m_len, n_len}, x.options());
+  if (m_len == 0) return out;
+#if defined(W8_AMX)
+  TORCH_CHECK(amx_usable(), "this process may not use AMX tiles");
+  const int64_t m_pad = (m_len + 15) / 16 * 16;
+  auto xq = torch::empty({m_pad, k_len}, x.options().dtype(at::kChar));
+  auto sx = torch::empty({m_len}, x.options().dtype(at::kFloat));
+  auto* q = xq.data_ptr<int8_t>();
+  auto* sxp = sx.data_ptr<float>();
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  std::memset(q + m_len * k_len, 0, (m_pad - m_len) * k_len);  // zero rows: no tile reads past x
+  at::parallel_for(0, m_len, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len);
+  });
+  const auto* w = packed.data_ptr<int8_t>();
+  const float* swp = scales.data_ptr<float>();
+  auto* o = out.data_ptr<c10::BFloat16>();
+  const int64_t n_blocks = n_len / kCols, m_blocks = m_pad / 16;
+  const int64_t tasks = (n_blocks + 1) / 2;
+  const int64_t block_bytes = k_len * kCols;  // one column block's tiles
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+#pragma omp parallel num_threads(threads)
+  {
+    const llmserve_amx::TileScope tiles;
+    alignas(64) int32_t c[32 * 32];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t nb0 = 2 * t;
+      const bool two_n = nb0 + 1 < n_blocks;
+      const int8_t* b0 = w + nb0 * block_bytes;
+      const int8_t* b1 = b0 + block_bytes;
+      for (int64_t mb = 0; mb < m_blocks; mb += 2) {
+        const bool two_m = mb + 1 < m_blocks;
+        const int8_t* ap = q + mb * 16 * k_len;
+        if (two_m && two_n) tile_products<2, 2>(ap, k_len, b0, b1, c);
+        else if (two_m) tile_products<2, 1>(ap, k_len, b0, b1, c);
+        else if (two_n) tile_products<1, 2>(ap, k_len, b0, b1, c);
+        else tile_products<1, 1>(ap, k_len, b0, b1, c);
+        const int64_t rows = std::min<int64_t>(two_m ? 32 : 16, m_len - mb * 16);
+        store_rows(c, rows, two_n ? 2 : 1, sxp, swp, bp, o, n_len, mb * 16, nb0 * kCols);
+      }
+    }
+  }
+#else
+  TORCH_CHECK(false, "this build has no AMX-INT8 path");
+#endif
+  return out;
+}
+
+bool has_amx() {
+#if defined(W8_AMX)
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const py::call_guard<py::gil_scoped_release> nogil;
+  m.def("w8a8_linear", &w8a8_linear, nogil,
+        "bf16 out of int8 x int8 tiles: x quantized per row, W the [N, K] tile layout of w8a8_pack",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("bias") = py::none());
+  m.def("w8a8_pack", &w8a8_pack, nogil, "[N, K] int8 codes -> the kernel's tile layout", py::arg("codes"));
+  m.def("addresses", [] {
+    using namespace llmserve_abi;
+    return Addresses{{"w8a8_linear", address<Int8LinearFn>(&w8a8_linear)}};
+  }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
+  m.def("has_amx", &has_amx, "whether this build and process can run AMX-INT8 tiles");
+}
