@@ -1,6 +1,8 @@
 """The sampler's time per step on CPU, for a batch of logit rows the size of the built-in model's
-vocabulary, with the C++ helpers the engine passes it (argmax, top_p threshold) against the torch
-reference it falls back to (a sort of every row for top_p), in the same process.
+vocabulary, in the same process: as the engine runs it on CPU (the C++ argmax and the fused C++
+pass for random rows, kernels/csrc/sampler_cpu.cpp), with the C++ argmax and top_p threshold under
+the torch filters (before the fused pass), and the pure torch reference (a sort of every row for
+top_p).
 
     python benchmarks/bench_sampler.py                  # 1 and 64 rows, greedy / temperature / top_p / top_k
     python benchmarks/bench_sampler.py --rows 16 --repeats 20
@@ -49,18 +51,19 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=49152, help="the built-in model's vocabulary")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    ops = cpu_ops.load_layer_ops()
-    if ops is None:
-        raise SystemExit("the C++ layer ops could not be built here (see the log)")
+    ops, fused = cpu_ops.load_layer_ops(), cpu_ops.load_sampler()
+    if ops is None or fused is None:
+        raise SystemExit("the C++ layer ops or sampler could not be built here (see the log)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocab {args.vocab}, bf16 logits")
-    print("| rows | setting | C++ helpers, ms | torch reference, ms |")
-    print("|---:|---|---:|---:|")
+    print("| rows | setting | fused pass (engine), ms | C++ threshold + torch filters, ms | torch reference, ms |")
+    print("|---:|---|---:|---:|---:|")
     for rows in args.rows:
         logits = (torch.randn(rows, args.vocab, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
         for name, params in SETTINGS.items():
-            fast = time_sampler(Sampler(args.vocab, argmax=ops.argmax_rows, top_p_cut=ops.top_p_cut), logits, params, args.repeats)
-            reference = time_sampler(Sampler(args.vocab), logits, params, args.repeats)
-            print(f"| {rows} | {name} | {fast:.2f} | {reference:.2f} |", flush=True)
+            engine = Sampler(args.vocab, argmax=ops.argmax_rows, sample_rows=fused.sample_rows)
+            helpers = Sampler(args.vocab, argmax=ops.argmax_rows, top_p_cut=ops.top_p_cut)
+            times = [time_sampler(s, logits, params, args.repeats) for s in (engine, helpers, Sampler(args.vocab))]
+            print(f"| {rows} | {name} | " + " | ".join(f"{t:.2f}" for t in times) + " |", flush=True)
 
 
 if __name__ == "__main__":

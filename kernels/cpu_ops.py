@@ -122,6 +122,12 @@ def load_w8a8() -> ModuleType | None:
 
 
 @functools.cache
+def load_sampler() -> ModuleType | None:
+    """The sampler's fused pass over its random rows (csrc/sampler_cpu.cpp), or None."""
+    return _load("fused sampler", "sampler_cpu.cpp", _EXACT, "; sampling uses torch ops")
+
+
+@functools.cache
 def load_layer_loop() -> ModuleType | None:
     """The decoder's layer loop in C++ over the kernels above (csrc/layer_loop_cpu.cpp), or None."""
     return _load("layer loop", "layer_loop_cpu.cpp", [], "; the layers run from Python")
@@ -129,7 +135,7 @@ def load_layer_loop() -> ModuleType | None:
 
 # Every loader above, the slowest builds first (prefill attention ~70 s on 2 cores, the rest 30-50 s).
 LOADERS = ("load_prefill", "load_int4_ops", "load_layer_ops", "load_int8_ops", "load", "load_amx_linear",
-           "load_w8a8", "load_layer_loop")  # fmt: skip
+           "load_w8a8", "load_sampler", "load_layer_loop")  # fmt: skip
 
 
 def _build_in_child(loader: str) -> bool:

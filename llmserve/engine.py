@@ -85,7 +85,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         ops = self.runner.model.ops
-        self.sampler = Sampler(self.vocab_size, seed=mc.seed, argmax=ops.argmax, top_p_cut=ops.top_p_cut)
+        self.sampler = Sampler(
+            self.vocab_size, seed=mc.seed, argmax=ops.argmax, top_p_cut=ops.top_p_cut, sample_rows=ops.sample_rows
+        )
 
         self.requests: dict[str, list[Request]] = {}
         self._detokenizers: dict[tuple[str, int], IncrementalDetokenizer] = {}

@@ -44,6 +44,7 @@ class Sampler:
         seed: int = 0,
         argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
         top_p_cut: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        sample_rows: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.seed = seed
@@ -51,6 +52,10 @@ class Sampler:
         # model's layer ops bring faster ones on CPU (LayerOps.argmax, LayerOps.top_p_cut).
         self._argmax = argmax or _argmax
         self._top_p_cut = top_p_cut or sorted_top_p_cut
+        # The random rows' filters and draw in one fused pass on CPU (LayerOps.sample_rows):
+        # (logits [R, V], temperature [R], top_k [R] (0: off), top_p [R], min_p [R], uniforms [R])
+        # -> [R] long, with the semantics of the torch path below (_apply_*, then _draw).
+        self._sample_rows = sample_rows
         # Generators are device-bound, and the device is only known once logits arrive.
         self._shared_generators: dict[torch.device, torch.Generator] = {}
         self._request_generators: dict[tuple[str, int], torch.Generator] = {}
@@ -102,9 +107,12 @@ class Sampler:
         random_rows_t = _to_device(random_rows, logits.device) if mixed else None
         # [R, V]; the filters below never write in place, so an all-random batch needs no copy
         random_logits = logits if random_rows_t is None else logits[random_rows_t]
-        random_logits = _apply_temperature(random_logits, random_requests)
-        random_logits = _apply_top_k_top_p_min_p(random_logits, random_requests, self._top_p_cut)
-        drawn = self._draw(random_logits.softmax(dim=-1), random_requests)  # [R]
+        if self._sample_rows is not None and logits.device.type == "cpu":
+            drawn = self._fused(random_logits, random_requests)  # [R]
+        else:
+            random_logits = _apply_temperature(random_logits, random_requests)
+            random_logits = _apply_top_k_top_p_min_p(random_logits, random_requests, self._top_p_cut)
+            drawn = self._draw(random_logits.softmax(dim=-1), random_requests)  # [R]
         if random_rows_t is None:
             return drawn
         token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)  # [B]
@@ -127,20 +135,7 @@ class Sampler:
         alone. A flat float32 cumsum over V would lose tokens below its resolution of the running
         sum (~6e-8); this costs a pass over the block sums instead of a float64 copy of [R, V]."""
         device, (num_rows, vocab) = probs.device, probs.shape
-        uniforms = torch.empty(num_rows, 1, dtype=torch.float64, device=device)  # [R, 1]
-        unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
-        shared = self._shared_generator(device)
-        if len(unseeded) == num_rows:
-            uniforms.uniform_(generator=shared)
-        else:
-            if unseeded:
-                rows = _to_device(unseeded, device)
-                uniforms[rows] = torch.rand(len(unseeded), 1, dtype=torch.float64, device=device, generator=shared)
-            for i, request in enumerate(requests):
-                if request.sampling_params.seed is not None:
-                    uniforms[i] = torch.rand(
-                        1, dtype=torch.float64, device=device, generator=self._request_generator(request, device)
-                    )
+        uniforms = self._uniforms(requests, device)  # [R, 1]
         padded = probs if vocab % _CDF_BLOCK == 0 else F.pad(probs, (0, -vocab % _CDF_BLOCK))  # a copy only if needed
         blocks = padded.view(num_rows, -1, _CDF_BLOCK)  # [R, nb, block], zero-padded
         block_mass = blocks.sum(dim=-1)  # [R, nb]
@@ -155,6 +150,41 @@ class Sampler:
         inside = blocks[torch.arange(num_rows, device=device), block.squeeze(1)]  # [R, block]
         offset = torch.searchsorted(inside.double().cumsum(dim=-1) + before, targets, right=True)  # [R, 1]
         return (block * _CDF_BLOCK + torch.minimum(offset, _last_positive(inside))).squeeze(1)  # [R]
+
+    def _fused(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The random rows through `sample_rows` ([R, V] processed logits -> [R] long)."""
+        assert self._sample_rows is not None
+        params = [r.sampling_params for r in requests]
+        device = logits.device
+        return self._sample_rows(
+            logits,
+            _to_device([p.temperature for p in params], device, torch.float32),
+            _to_device([p.top_k for p in params], device, torch.long),
+            _to_device([p.top_p for p in params], device, torch.float64),
+            _to_device([p.min_p for p in params], device, torch.float32),
+            self._uniforms(requests, device).view(-1),
+        )
+
+    def _uniforms(self, requests: list[Request], device: torch.device) -> torch.Tensor:
+        """One uniform in [0, 1) per row -> [R, 1] float64: from the request's own generator when
+        it is seeded (one draw from its stream per step, whatever its neighbours do), else from the
+        sampler's shared one."""
+        num_rows = len(requests)
+        uniforms = torch.empty(num_rows, 1, dtype=torch.float64, device=device)  # [R, 1]
+        unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
+        shared = self._shared_generator(device)
+        if len(unseeded) == num_rows:
+            uniforms.uniform_(generator=shared)
+        else:
+            if unseeded:
+                rows = _to_device(unseeded, device)
+                uniforms[rows] = torch.rand(len(unseeded), 1, dtype=torch.float64, device=device, generator=shared)
+            for i, request in enumerate(requests):
+                if request.sampling_params.seed is not None:
+                    uniforms[i] = torch.rand(
+                        1, dtype=torch.float64, device=device, generator=self._request_generator(request, device)
+                    )
+        return uniforms
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._shared_generators.get(device)

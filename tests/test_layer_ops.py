@@ -96,6 +96,8 @@ def test_argmax_rows_matches_torch_with_ties_and_nan(fused_module, dtype: torch.
     x[5, 9] = x[5, 40000] = float("nan")
     argmax = FusedCpuLayerOps(fused_module, dtype).argmax
     assert argmax is not None and TorchLayerOps().argmax is None
+    # and the sampler's fused pass for random rows comes with the C++ ops (tests/test_sampler.py runs it)
+    assert FusedCpuLayerOps(fused_module, dtype).sample_rows is not None and TorchLayerOps().sample_rows is None
     for rows in (x, x[:, :49152], x[7:9]):  # strided rows too
         assert torch.equal(argmax(rows), rows.max(dim=-1).indices)
     assert argmax(x)[:6].tolist() == [int(x[0].float().argmax()), 100, 49156, 70, 0, 9]

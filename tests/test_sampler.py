@@ -1,9 +1,13 @@
-"""Sampler: processors, filters, seeded draws and logprobs, on small random logits (no model)."""
+"""Sampler: processors, filters, seeded draws and logprobs, on small random logits (no model).
+
+Every test runs twice: on the torch path, and with the fused C++ pass for the random rows
+(kernels/csrc/sampler_cpu.cpp, `Sampler(sample_rows=...)`), which the engine uses on CPU."""
 
 from __future__ import annotations
 
 import math
 from itertools import count
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +16,9 @@ from llmserve.outputs import TokenLogprob
 from llmserve.request import Request
 from llmserve.sampler import Sampler, SamplerOutput, _apply_top_k_top_p_min_p, apply_logits_processors
 from llmserve.sampling_params import SamplingParams
+from llmserve_kernels import cpu_ops
+
+TorchSampler = Sampler
 
 VOCAB = 32
 _ids = count()
@@ -36,6 +43,21 @@ def make_request(
         request.num_computed_tokens = request.num_tokens
         request.append_token(token)
     return request
+
+
+@pytest.fixture(params=["torch", "fused"], autouse=True)
+def sampler_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`Sampler` in this module: the torch path, or with the fused C++ pass for random rows."""
+    if request.param == "fused":
+        module = cpu_ops.load_sampler()
+        assert module is not None, "the C++ sampler did not build (see the log)"
+
+        class FusedSampler(TorchSampler):
+            def __init__(self, vocab_size: int, seed: int = 0, **kwargs: Any) -> None:
+                super().__init__(vocab_size, seed, sample_rows=module.sample_rows, **kwargs)
+
+        monkeypatch.setitem(globals(), "Sampler", FusedSampler)
+    return str(request.param)
 
 
 def random_logits(rows: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
@@ -443,3 +465,40 @@ def test_a_draw_at_the_very_end_of_the_cdf_lands_on_the_last_token_with_mass(mon
     monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, generator=None: self.fill_(1.0))
     drawn = Sampler(600)._draw(probs, [make_request(temperature=1.0) for _ in range(2)])
     assert drawn.tolist() == [10, 301]
+
+
+# ---- the fused pass against the torch path ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_pass_draws_the_torch_paths_tokens(dtype: torch.dtype) -> None:
+    # The same uniforms (one per row, from the same generators) through the same filters: the two
+    # paths pick the same token unless a float rounding differs right at a boundary, which these
+    # rows do not hit. 64 rows of a real vocabulary size, every filter and mixes of them.
+    module = cpu_ops.load_sampler()
+    assert module is not None
+    vocab = 49152
+    logits = (torch.randn(64, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    kinds = [
+        dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_k=50, top_p=0.95),
+        dict(min_p=0.1, temperature=1.3), dict(top_k=5, min_p=0.3), dict(top_k=1), dict(top_p=0.01),
+        dict(temperature=2.0, seed=7),
+    ]  # fmt: skip
+    requests = [make_request(**kinds[i % len(kinds)]) for i in range(64)]
+    for step in range(3):
+        fused = TorchSampler(vocab, seed=step, sample_rows=module.sample_rows).sample(logits, requests)
+        torch_path = TorchSampler(vocab, seed=step).sample(logits, requests)
+        assert fused.token_ids == torch_path.token_ids
+
+
+def test_fused_pass_refuses_bad_arguments_with_a_clear_error() -> None:
+    module = cpu_ops.load_sampler()
+    assert module is not None
+    logits, one = torch.randn(2, 10), torch.ones(2)
+    with pytest.raises(RuntimeError, match="top_k: one value per row of logits"):
+        module.sample_rows(logits, one, torch.zeros(3, dtype=torch.long), one, one * 0, one * 0.5)
+    with pytest.raises(RuntimeError, match="logits must be float32 or bfloat16"):
+        module.sample_rows(logits.half(), one, one.long() * 0, one, one * 0, one * 0.5)
+    with pytest.raises(RuntimeError, match="contiguous, non-empty rows"):
+        module.sample_rows(logits.t(), one.repeat(5), one.repeat(5).long() * 0, one.repeat(5), one.repeat(5) * 0,
+                           one.repeat(5) * 0.5)  # fmt: skip

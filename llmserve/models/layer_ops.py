@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from llmserve_kernels import write_kv_cache
+from llmserve_kernels import cpu_ops, write_kv_cache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,6 +81,8 @@ class TorchLayerOps:
     # A faster nucleus threshold for the sampler (probs [R, V] float32, top_p [R, 1] -> [R, 1]; see
     # sampler.sorted_top_p_cut), or None: the sampler's torch one, which sorts every row.
     top_p_cut: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # The sampler's random rows in one fused pass (see sampler.Sampler's `sample_rows`), or None.
+    sample_rows: Callable[..., torch.Tensor] | None = None
 
 
 class FusedCpuLayerOps(TorchLayerOps):
@@ -94,6 +96,10 @@ class FusedCpuLayerOps(TorchLayerOps):
         self.argmax = module.argmax_rows
         # No sort: 64 rows of 49152 took ~0.18 s to sort on this CPU.
         self.top_p_cut = module.top_p_cut
+        # temperature, top_k, top_p, min_p and the draw in one pass a row: ~8 torch passes over
+        # [64, 49152] before (kernels/csrc/sampler_cpu.cpp).
+        sampler = cpu_ops.load_sampler()
+        self.sample_rows = None if sampler is None else sampler.sample_rows
 
     @property
     def all_fused(self) -> bool:
