@@ -59,6 +59,7 @@ class Bounds:
 BOUNDS = {
     "bnb-8bit": Bounds(min_top1=0.80, max_gap=0.05, prefix=4, min_prompts=3),
     "bnb-4bit": Bounds(min_top1=0.65, max_gap=0.40, prefix=1, min_prompts=3),
+    "w8a8": Bounds(min_top1=0.90, max_gap=0.08, prefix=5, min_prompts=3),  # against bf16: tests/test_w8a8.py
 }
 
 

@@ -11,7 +11,8 @@ over bf16's greedy continuations, 5 prompts x 16 tokens):
   | measured on this CPU | top-1 agreement | gap (nat/token) | greedy prefix lengths |
   | w8a8 vs bf16         | 0.95            | +0.044          | 5, 16, 7, 16, 7       |
   | int8 vs bf16         | 0.96            | +0.011          | 16, 16, 6, 16, 16     |
-bounds: top-1 >= 0.90, |gap| <= 0.08, 5 equal greedy tokens on >= 3 prompts: LLM.int8()'s league
+bounds (test_quantization.BOUNDS): top-1 >= 0.90, |gap| <= 0.08, 5 equal greedy tokens on >= 3
+prompts: LLM.int8()'s league
 (bnb-8bit vs float32: 0.010 nat, bounds in test_quantization.py 0.05). The per-token activation
 scale is what costs: int8 weights alone lose a quarter of it.
 """
@@ -22,7 +23,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from test_quantization import NUM_TOKENS, agreement
+from test_quantization import agreement, check_agreement
 from torch import nn
 
 from llmserve import LLM, SamplingParams
@@ -170,14 +171,7 @@ def test_every_linear_and_the_lm_head_are_w8a8_in_the_cpp_layer_loop(w8a8_llm: L
 
 @pytest.mark.slow
 def test_w8a8_model_agrees_with_bfloat16(w8a8_llm: LLM) -> None:
-    result = agreement(LLM(dtype="bfloat16"), w8a8_llm)
-    print(
-        f"\nw8a8 vs bf16: greedy prefix lengths {result.prefix_lengths} of {NUM_TOKENS}, teacher-forced "
-        f"top-1 agreement {result.top1:.3f}, mean log-likelihood gap {result.gap:+.4f} nat/token"
-    )
-    assert result.top1 >= 0.90
-    assert abs(result.gap) <= 0.08
-    assert sum(n >= 5 for n in result.prefix_lengths) >= 3
+    check_agreement("w8a8", agreement(LLM(dtype="bfloat16"), w8a8_llm))
 
 
 @pytest.mark.slow

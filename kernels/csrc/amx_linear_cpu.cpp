@@ -12,18 +12,16 @@
 // (AMX's VNNI order). The K tiles of one column block are contiguous, so each block is one
 // sequential stream from memory, read once per call whatever M is.
 //
-// Blocking: a task is two column blocks (32 outputs); for each pair of 16-row blocks of x it keeps a
-// 2 x 2 grid of C tiles (tmm0-3) and, per 32 k, loads 2 A tiles (x, from L1/L2) and 2 B tiles:
-// 4 tile products (~44 ns) per 4 KB loaded. The first row pair reads the B tiles from DRAM, the
-// others from L1/L2 (36 KB for K = 576, 96 KB for K = 1536). Rows of x are padded to a multiple of
-// 16 with zeros in a copy (M x K x 2 bytes, < 1% of the weight reads) so no tile reads past x.
-//
-// Each row's result uses the same tile products in the same k order whatever M is, so the output
-// of a row does not depend on its batch neighbours (oneDNN picks a blocking per M).
+// Blocking (amx_gemm.h, shared with the w8a8 kernel): a task is two column blocks (32 outputs);
+// for each pair of 16-row blocks of x, a 2 x 2 grid of C tiles, and per 32 k 2 A tiles (x, from
+// L1/L2) and 2 B tiles: 4 tile products (~44 ns) per 4 KB loaded. The first row pair reads the B
+// tiles from DRAM, the others from L1/L2 (36 KB for K = 576, 96 KB for K = 1536). Rows of x are
+// padded to a multiple of 16 with zeros in a copy (M x K x 2 bytes, < 1% of the weight reads) so no
+// tile reads past x. Each row's result uses the same tile products in the same k order whatever M
+// is, so the output of a row does not depend on its batch neighbours (oneDNN picks a blocking per M).
 #include <torch/extension.h>
 #include "kernel_abi.h"
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -31,54 +29,16 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define AL_AMX 1
-#include "amx_tiles.h"
+#include "amx_gemm.h"
 #endif
 
 namespace {
 
 constexpr int64_t kCols = 16;   // output columns of one B tile
 constexpr int64_t kDepth = 32;  // k of one tile (16 pairs)
-constexpr int64_t kTile = kCols * kDepth;
-// B tiles prefetched this many k steps ahead: the first row pair reads them from DRAM. 1-4 ahead
-// measured 9-16% faster than none at M = 16-256 (all of a step's matmuls, 2 threads); 2 was best.
-// A prefetch past the end of a block only touches the next block (or nothing: prefetches do not fault).
-constexpr int64_t kPrefetchTiles = 2;
 
 #if defined(AL_AMX)
 using llmserve_amx::amx_usable;
-
-// C tiles of rows [16 MB) x columns [16 NB) for one row block pair and column block pair, into c
-// ([32][32] floats). a: 16-row-padded x at this row block, row stride k_len; b0/b1: the K tiles of
-// each column block.
-template <int MB, int NB>
-inline void tile_products(const c10::BFloat16* a, int64_t k_len, const c10::BFloat16* b0,
-                          const c10::BFloat16* b1, float* c) {
-  _tile_zero(0);
-  if constexpr (NB == 2) _tile_zero(1);
-  if constexpr (MB == 2) _tile_zero(2);
-  if constexpr (MB == 2 && NB == 2) _tile_zero(3);
-  const int64_t stride = k_len * 2;  // bytes between rows of x
-  for (int64_t kb = 0; kb * kDepth < k_len; ++kb) {
-    for (int64_t line = 0; line < kTile * 2; line += 64) {  // a prefetch per cache line of the B tiles
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
-      if constexpr (NB == 2)
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
-    }
-    _tile_loadd(4, a + kb * kDepth, stride);
-    if constexpr (MB == 2) _tile_loadd(5, a + 16 * k_len + kb * kDepth, stride);
-    _tile_loadd(6, b0 + kb * kTile, 64);
-    if constexpr (NB == 2) _tile_loadd(7, b1 + kb * kTile, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MB == 2) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (MB == 2 && NB == 2) _tile_dpbf16ps(3, 5, 7);
-  }
-  constexpr int64_t ld = 32 * 4;  // bytes between rows of c
-  _tile_stored(0, c, ld);
-  if constexpr (NB == 2) _tile_stored(1, c + 16, ld);
-  if constexpr (MB == 2) _tile_stored(2, c + 16 * 32, ld);
-  if constexpr (MB == 2 && NB == 2) _tile_stored(3, c + 16 * 32 + 16, ld);
-}
 
 // out rows [m0, m0 + rows) x columns [n0, n0 + 16 nb) = bf16(c + bias), rounding to nearest even.
 inline void store_rows(const float* c, int64_t rows, int64_t nb, const float* bias, c10::BFloat16* out,
@@ -118,37 +78,15 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, in
     xp = torch::zeros({m_pad, k_len}, x.options());
     xp.narrow(0, 0, m_len).copy_(x);
   }
-  const auto* a = xp.data_ptr<c10::BFloat16>();
-  const auto* w = packed.data_ptr<c10::BFloat16>();
+  const auto* a = reinterpret_cast<const char*>(xp.data_ptr<c10::BFloat16>());
+  const auto* w = reinterpret_cast<const char*>(packed.data_ptr<c10::BFloat16>());
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto* o = out.data_ptr<c10::BFloat16>();
-  const int64_t n_blocks = n_len / kCols, m_blocks = m_pad / 16;
-  const int64_t tasks = (n_blocks + 1) / 2;
-  const int64_t block_elems = k_len * kCols;  // one column block's tiles
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-  // Dynamic tasks: a thread descheduled by the event loop or a client does not hold the others up.
-#pragma omp parallel num_threads(threads)
-  {
-    const llmserve_amx::TileScope tiles;  // restores the thread's previous tile configuration
-    alignas(64) float c[32 * 32];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t nb0 = 2 * t;
-      const bool two_n = nb0 + 1 < n_blocks;
-      const c10::BFloat16* b0 = w + nb0 * block_elems;
-      const c10::BFloat16* b1 = b0 + block_elems;
-      for (int64_t mb = 0; mb < m_blocks; mb += 2) {
-        const bool two_m = mb + 1 < m_blocks;
-        const c10::BFloat16* ap = a + mb * 16 * k_len;
-        if (two_m && two_n) tile_products<2, 2>(ap, k_len, b0, b1, c);
-        else if (two_m) tile_products<2, 1>(ap, k_len, b0, b1, c);
-        else if (two_n) tile_products<1, 2>(ap, k_len, b0, b1, c);
-        else tile_products<1, 1>(ap, k_len, b0, b1, c);
-        const int64_t rows = std::min<int64_t>(two_m ? 32 : 16, m_len - mb * 16);
-        store_rows(c, rows, two_n ? 2 : 1, bp, o, n_len, mb * 16, nb0 * kCols);
-      }
-    }
-  }
+  llmserve_amx::tile_gemm<llmserve_amx::TileProduct::kBf16, float>(
+      a, k_len * 2, m_len, w, n_len, k_len / kDepth,
+      [&](const float* c, int64_t rows, int64_t nb, int64_t m0, int64_t n0) {
+        store_rows(c, rows, nb, bp, o, n_len, m0, n0);
+      });
 #else
   TORCH_CHECK(false, "this build has no AMX path (compiled without AMX-BF16)");
 #endif

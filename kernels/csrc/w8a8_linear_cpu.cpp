@@ -13,7 +13,7 @@
 // Layout: W as [N / 16, K / 64, 16, 16, 4] int8: one 1 KB B tile per (16 output columns, 64 k);
 // tile row r holds, for n = 0..15, W[n][4r .. 4r + 3] (AMX's int8 VNNI order). A tiles are the
 // quantized rows, 16 rows x 64 k, row-major with stride K. Blocking, padding and prefetch are those
-// of amx_linear_cpu.cpp (2 x 2 C tiles, two column blocks a task, rows padded to 16 with zeros).
+// of amx_linear_cpu.cpp, through the same tile loop (amx_gemm.h).
 //
 // Each row's quantization and its products depend on that row alone, in the same k order at every
 // M, so a row's output does not depend on its batch neighbours. Built without FMA contraction
@@ -21,7 +21,6 @@
 #include <torch/extension.h>
 #include "kernel_abi.h"
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,15 +29,13 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
 #define W8_AMX 1
-#include "amx_tiles.h"
+#include "amx_gemm.h"
 #endif
 
 namespace {
 
 constexpr int64_t kCols = 16;   // output columns of one B tile
 constexpr int64_t kDepth = 64;  // k of one tile (16 quads)
-constexpr int64_t kTile = kCols * kDepth;  // bytes of one tile
-constexpr int64_t kPrefetchTiles = 2;      // as amx_linear_cpu.cpp
 
 // [N, K] int8 codes -> the [N / 16, K / 64, 16, 16, 4] tile layout above.
 torch::Tensor w8a8_pack(const torch::Tensor& codes) {
@@ -80,34 +77,6 @@ inline float quantize_row(const c10::BFloat16* x, int64_t k_len, int8_t* q) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(r));
   }
   return m / 127.f;
-}
-
-template <int MB, int NB>
-inline void tile_products(const int8_t* a, int64_t k_len, const int8_t* b0, const int8_t* b1, int32_t* c) {
-  _tile_zero(0);
-  if constexpr (NB == 2) _tile_zero(1);
-  if constexpr (MB == 2) _tile_zero(2);
-  if constexpr (MB == 2 && NB == 2) _tile_zero(3);
-  for (int64_t kb = 0; kb * kDepth < k_len; ++kb) {
-    for (int64_t line = 0; line < kTile; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
-      if constexpr (NB == 2)
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + (kb + kPrefetchTiles) * kTile) + line, _MM_HINT_T0);
-    }
-    _tile_loadd(4, a + kb * kDepth, k_len);
-    if constexpr (MB == 2) _tile_loadd(5, a + 16 * k_len + kb * kDepth, k_len);
-    _tile_loadd(6, b0 + kb * kTile, 64);
-    if constexpr (NB == 2) _tile_loadd(7, b1 + kb * kTile, 64);
-    _tile_dpbssd(0, 4, 6);
-    if constexpr (NB == 2) _tile_dpbssd(1, 4, 7);
-    if constexpr (MB == 2) _tile_dpbssd(2, 5, 6);
-    if constexpr (MB == 2 && NB == 2) _tile_dpbssd(3, 5, 7);
-  }
-  constexpr int64_t ld = 32 * 4;  // bytes between rows of c
-  _tile_stored(0, c, ld);
-  if constexpr (NB == 2) _tile_stored(1, c + 16, ld);
-  if constexpr (MB == 2) _tile_stored(2, c + 16 * 32, ld);
-  if constexpr (MB == 2 && NB == 2) _tile_stored(3, c + 16 * 32 + 16, ld);
 }
 
 // out rows [m0, m0 + rows) x columns [n0, n0 + 16 nb) = bf16((float(c) * sx) * sw + bias).
@@ -157,35 +126,14 @@ torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   at::parallel_for(0, m_len, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len);
   });
-  const auto* w = packed.data_ptr<int8_t>();
+  const auto* w = reinterpret_cast<const char*>(packed.data_ptr<int8_t>());
   const float* swp = scales.data_ptr<float>();
   auto* o = out.data_ptr<c10::BFloat16>();
-  const int64_t n_blocks = n_len / kCols, m_blocks = m_pad / 16;
-  const int64_t tasks = (n_blocks + 1) / 2;
-  const int64_t block_bytes = k_len * kCols;  // one column block's tiles
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-#pragma omp parallel num_threads(threads)
-  {
-    const llmserve_amx::TileScope tiles;
-    alignas(64) int32_t c[32 * 32];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t nb0 = 2 * t;
-      const bool two_n = nb0 + 1 < n_blocks;
-      const int8_t* b0 = w + nb0 * block_bytes;
-      const int8_t* b1 = b0 + block_bytes;
-      for (int64_t mb = 0; mb < m_blocks; mb += 2) {
-        const bool two_m = mb + 1 < m_blocks;
-        const int8_t* ap = q + mb * 16 * k_len;
-        if (two_m && two_n) tile_products<2, 2>(ap, k_len, b0, b1, c);
-        else if (two_m) tile_products<2, 1>(ap, k_len, b0, b1, c);
-        else if (two_n) tile_products<1, 2>(ap, k_len, b0, b1, c);
-        else tile_products<1, 1>(ap, k_len, b0, b1, c);
-        const int64_t rows = std::min<int64_t>(two_m ? 32 : 16, m_len - mb * 16);
-        store_rows(c, rows, two_n ? 2 : 1, sxp, swp, bp, o, n_len, mb * 16, nb0 * kCols);
-      }
-    }
-  }
+  llmserve_amx::tile_gemm<llmserve_amx::TileProduct::kInt8, int32_t>(
+      reinterpret_cast<const char*>(q), k_len, m_len, w, n_len, k_len / kDepth,
+      [&](const int32_t* c, int64_t rows, int64_t nb, int64_t m0, int64_t n0) {
+        store_rows(c, rows, nb, sxp, swp, bp, o, n_len, m0, n0);
+      });
 #else
   TORCH_CHECK(false, "this build has no AMX-INT8 path");
 #endif
