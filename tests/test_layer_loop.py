@@ -1,6 +1,6 @@
 """The C++ layer loop (llmserve/models/layer_loop.py) gives the Python loop's hidden states bit for
 bit, on every kind of step: prefill chunks alone, chunks beside decodes, decodes alone, with the
-quantized linears on both sides of their row threshold, with and without biases."""
+quantized linears (int8 and int4 on both sides of their row threshold, w8a8), with and without biases."""
 
 from __future__ import annotations
 
