@@ -1,5 +1,5 @@
-// Scalar and AVX-512 conversions to float32 shared by the CPU attention kernels
-// (paged_attention_cpu.cpp, prefill_attention_cpu.cpp).
+// Scalar and AVX-512 conversions to float32 shared by the CPU kernels (the attention kernels,
+// the fused sampler, the w8a8 linear's activation quantization).
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -28,6 +28,7 @@
 #include <sleef.h>
 #endif
 
+#include "cpu_vec.h"
 #include "nucleus.h"
 
 namespace {
@@ -59,14 +60,6 @@ float kth_largest(const float* x, int64_t n, int64_t k, std::vector<int64_t>& co
   return bin[rank];
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-#endif
-
 // x[i] = in[i] / t (float32, as torch divides), and the row's maximum.
 template <typename T>
 float divide_and_max(const T* in, int64_t n, float t, float* x) {
@@ -76,14 +69,14 @@ float divide_and_max(const T* in, int64_t n, float t, float* x) {
   const __m512 vt = _mm512_set1_ps(t);
   __m512 vm = _mm512_set1_ps(-INFINITY);
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_div_ps(load16(in + i), vt);
+    const __m512 v = _mm512_div_ps(load_f32x16(in + i), vt);
     _mm512_storeu_ps(x + i, v);
     vm = _mm512_max_ps(vm, v);
   }
   m = _mm512_reduce_max_ps(vm);
 #endif
   for (; i < n; ++i) {
-    x[i] = static_cast<float>(in[i]) / t;
+    x[i] = to_f32(in[i]) / t;
     m = std::max(m, x[i]);
   }
   return m;
@@ -103,9 +96,13 @@ void exp_shifted(float* x, int64_t n, float m, float floor) {
   for (; i < n; ++i) x[i] = x[i] >= floor ? std::exp(x[i] - m) : 0.f;
 }
 
-// v[i] *= scale (mode 0), or v[i] = 0 where v[i] < threshold (mode 1); then each block's sum,
-// float32 inside a block and float64 across blocks. Returns the row's total.
-double update_and_sum(float* v, int64_t n, int mode, float a, double* block_sums) {
+// What update_and_sum does to each value before summing it.
+enum class Update { kNone, kScale, kMaskBelow };
+
+// v[i] *= a (kScale), or v[i] = 0 where v[i] < a (kMaskBelow); then each block's sum, float32
+// inside a block and float64 across blocks. Returns the row's total.
+template <Update U>
+double update_and_sum(float* v, int64_t n, float a, double* block_sums) {
   double total = 0.0;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
@@ -116,16 +113,16 @@ double update_and_sum(float* v, int64_t n, int mode, float a, double* block_sums
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= b1; i += 16) {
       __m512 w = _mm512_loadu_ps(v + i);
-      if (mode == 0) w = _mm512_mul_ps(w, va);
-      else if (mode == 1) w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, va, _CMP_GE_OQ), w);
-      _mm512_storeu_ps(v + i, w);
+      if constexpr (U == Update::kScale) w = _mm512_mul_ps(w, va);
+      if constexpr (U == Update::kMaskBelow) w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, va, _CMP_GE_OQ), w);
+      if constexpr (U != Update::kNone) _mm512_storeu_ps(v + i, w);
       acc = _mm512_add_ps(acc, w);
     }
     s = _mm512_reduce_add_ps(acc);
 #endif
     for (; i < b1; ++i) {
-      if (mode == 0) v[i] *= a;
-      else if (mode == 1 && v[i] < a) v[i] = 0.f;
+      if constexpr (U == Update::kScale) v[i] *= a;
+      if constexpr (U == Update::kMaskBelow) v[i] = v[i] < a ? 0.f : v[i];
       s += v[i];
     }
     block_sums[b0 / kBlock] = s;
@@ -133,7 +130,6 @@ double update_and_sum(float* v, int64_t n, int mode, float a, double* block_sums
   }
   return total;
 }
-constexpr int kSum = 2, kScale = 0, kMaskBelow = 1;  // update_and_sum's modes (kSum: no update)
 
 float row_max(const float* v, int64_t n) {
   float m = 0.f;
@@ -176,13 +172,13 @@ int64_t sample_row(const T* in, int64_t n, float temperature, int64_t top_k, dou
   const float floor = top_k > 0 && top_k < n ? kth_largest(x, n, top_k, counts, scratch) : -INFINITY;
   exp_shifted(x, n, m, floor);  // unnormalised probabilities; the maximum is exp(0) = 1
   double* sums = block_sums.data();
-  double total = update_and_sum(x, n, kSum, 0.f, sums);
+  double total = update_and_sum<Update::kNone>(x, n, 0.f, sums);
   if (top_p < 1.0) {
-    update_and_sum(x, n, kScale, static_cast<float>(1.0 / total), sums);  // p, as softmax normalises
+    update_and_sum<Update::kScale>(x, n, static_cast<float>(1.0 / total), sums);  // p, as softmax normalises
     const float cut = llmserve_nucleus::top_p_cut_row(x, n, top_p, mass, scratch);
-    total = update_and_sum(x, n, kMaskBelow, cut, sums);
+    total = update_and_sum<Update::kMaskBelow>(x, n, cut, sums);
   }
-  if (min_p > 0.f) total = update_and_sum(x, n, kMaskBelow, min_p * row_max(x, n), sums);
+  if (min_p > 0.f) total = update_and_sum<Update::kMaskBelow>(x, n, min_p * row_max(x, n), sums);
   return draw(x, n, block_sums.data(), uniform * total);
 }
 

@@ -30,6 +30,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
 #define W8_AMX 1
 #include "amx_gemm.h"
+#include "cpu_vec.h"
 #endif
 
 namespace {
@@ -58,8 +59,7 @@ inline float quantize_row(const c10::BFloat16* x, int64_t k_len, int8_t* q) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 nan = 0;  // max_ps drops NaNs, so they are looked for apart
   for (int64_t k = 0; k < k_len; k += 16) {
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+    const __m512 v = load_f32x16(x + k);
     amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
@@ -70,8 +70,7 @@ inline float quantize_row(const c10::BFloat16* x, int64_t k_len, int8_t* q) {
   }
   const __m512 inv = _mm512_set1_ps(127.f / m);
   for (int64_t k = 0; k < k_len; k += 16) {
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+    const __m512 v = load_f32x16(x + k);
     // round half to even (the MXCSR default), then saturate: |x * inv| <= 127 up to one rounding
     const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(r));
