@@ -28,6 +28,7 @@ from llmserve.models import build_model
 from llmserve.models.layer_loop import build_layer_loop
 from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
+from llmserve.models.mkl_linear import MklPackedLinear, can_pack_fp32, pack_fp32_linears
 from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
@@ -88,6 +89,11 @@ class ModelRunner:
                 self.model.packed_head = bf16_head(self.model.head_weight)
             kernel = "AMX tiles" if isinstance(self.model.packed_head, AmxLinear) else "oneDNN"
             logger.info("packed %d bf16 linear weights and the LM head for %s", len(packed), kernel)
+        elif quantizer is None and attention_backend != "torch" and can_pack_fp32(device, dtype):
+            packed = pack_fp32_linears(self.model)
+            if packed:
+                self.model.packed_head = MklPackedLinear(self.model.head_weight)
+                logger.info("packed %d float32 linear weights and the LM head for MKL's sgemm", len(packed))
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         self.prefill_kernel = _prefill_kernel(attention_backend, device, self.arch.head_dim)
         # CUDA graphs (llmserve/cuda_graphs.py): padded rows need one scratch block past the pool's

@@ -78,7 +78,7 @@ def test_layer_loop_matches_python_loop(
 
 
 def test_float32_keeps_the_python_loop(tiny_path: Path) -> None:
-    # float32 linears are MKL's (transformers' bits), not one of our kernels.
+    # float32 linears are MKL sgemm calls (llmserve/models/mkl_linear.py), not one of our kernels.
     llm = LLM(model=str(tiny_path), dtype="float32")
     assert llm.engine.runner.model.layer_loop is None
 

@@ -11,8 +11,7 @@ this repo's 2-core Xeon (AMX), all 120 body matmuls of one step, 2 threads, cold
     packed, ms              12.4   12.6   12.5   19.7   25.8
 
 (at M <= 16 both are bound by reading 212 MB of weights: 12.4 ms is ~17 GB/s; at M = 64 the
-packed kernel runs ~770 GFLOP/s.) float32 stays on `F.linear`: transformers uses it, and float32
-greedy output must match transformers bit for bit.
+packed kernel runs ~770 GFLOP/s.) float32 has its own packing, MKL's (llmserve/models/mkl_linear.py).
 
 On a CPU with AMX-BF16 the kernel in kernels/csrc/amx_linear_cpu.cpp replaces oneDNN for every
 shape it takes (K a multiple of 32, N of 16): the same tile products in the same order, so the
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -140,12 +140,22 @@ def pack_linears(model: nn.Module) -> list[nn.Linear]:
     """Replace every nn.Linear in `model` by its `bf16_linear`: the same product up to bf16 rounding
     (oneDNN picks other kernels for the packed layout at M >= 64). Returns the replaced modules;
     none (model untouched) if this torch build cannot pack."""
+    return replace_linears(model, bf16_linear, packing_works)
+
+
+def replace_linears(
+    model: nn.Module,
+    make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module],
+    works: Callable[[torch.Tensor], bool],
+) -> list[nn.Linear]:
+    """Every nn.Linear in `model` replaced by make(weight, bias), if works(a weight) says this
+    build can; returns the replaced modules (none when it cannot: the model stays as it was)."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not targets or not packing_works(targets[0][1].weight):
+    if not targets or not works(targets[0][1].weight):
         return []
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, bf16_linear(module.weight, module.bias))
+        setattr(model.get_submodule(parent_name), child, make(module.weight, module.bias))
     return [module for _, module in targets]
 
 
