@@ -9,7 +9,7 @@ code ~2 ms more. The loop releases the GIL while it runs, so the HTTP server's e
 beside a forward instead of in the gaps between its kernels.
 
 `build_layer_loop` returns None, and the model keeps its Python loop, when any piece is not ours:
-float32 (MKL for parity with transformers), no AMX, Qwen3's q/k norm, a bitsandbytes or oneDNN
+float32 (MKL linears, models/mkl_linear.py), no AMX, Qwen3's q/k norm, a bitsandbytes or oneDNN
 linear, the torch attention reference. A step whose attention metadata needs the torch path
 (`meta.chunks`, `meta.decode_groups`) runs the Python loop too.
 """
