@@ -83,17 +83,18 @@ class ModelRunner:
             self.model.packed_head = quantizer.quantize_head(self.model.head_weight)  # None: head unquantized
         self.arch = self.model.arch
         self.model.ops = _layer_ops(attention_backend, device, dtype)
-        if quantizer is None and attention_backend != "torch" and can_pack(device, dtype):
-            packed = pack_linears(self.model)
-            if packed:
-                self.model.packed_head = bf16_head(self.model.head_weight)
-            kernel = "AMX tiles" if isinstance(self.model.packed_head, AmxLinear) else "oneDNN"
-            logger.info("packed %d bf16 linear weights and the LM head for %s", len(packed), kernel)
-        elif quantizer is None and attention_backend != "torch" and can_pack_fp32(device, dtype):
-            packed = pack_fp32_linears(self.model)
-            if packed:
-                self.model.packed_head = MklPackedLinear(self.model.head_weight)
-                logger.info("packed %d float32 linear weights and the LM head for MKL's sgemm", len(packed))
+        if quantizer is None and attention_backend != "torch":  # the torch reference keeps plain modules
+            if can_pack(device, dtype):
+                packed = pack_linears(self.model)
+                if packed:
+                    self.model.packed_head = bf16_head(self.model.head_weight)
+                kernel = "AMX tiles" if isinstance(self.model.packed_head, AmxLinear) else "oneDNN"
+                logger.info("packed %d bf16 linear weights and the LM head for %s", len(packed), kernel)
+            elif can_pack_fp32(device, dtype):
+                packed = pack_fp32_linears(self.model)
+                if packed:
+                    self.model.packed_head = MklPackedLinear(self.model.head_weight)
+                    logger.info("packed %d float32 linear weights and the LM head for MKL's sgemm", len(packed))
         self.decode_kernel = _decode_kernel(attention_backend, device, self.arch.head_dim)
         self.prefill_kernel = _prefill_kernel(attention_backend, device, self.arch.head_dim)
         # CUDA graphs (llmserve/cuda_graphs.py): padded rows need one scratch block past the pool's
