@@ -21,7 +21,11 @@ and head (513 MiB).
 Numerics: the same MKL kernels on the same panels. The products agree with `F.linear` to float32
 rounding, bit for bit at most shapes and row counts (tests/test_mkl_linear.py). At the built-in
 model's shapes each row also comes out the same whatever other rows share the call, which plain
-sgemm does not do (its rows at M <= 7 differ from the same rows at M = 600). The float32 greedy
+sgemm does not do (its rows at M <= 7 differ from the same rows at M = 600). On AMD Zen 4 MKL's
+kernels for M < 12 rows that are not a multiple of 4 also round differently, packed or not, so
+small calls are padded with zero rows up to the next multiple the CPU needs (`row_multiple`, probed
+once: 1 on the Intel Xeons measured, 4 on Zen 4); padding one decode row to four costs little,
+since a call at so few rows is bound by reading the weight, not by its rows. The float32 greedy
 parity with transformers stays tested token for token (tests/test_parity.py).
 
 `_mkl_linear(x, packed, weight, bias, n)` takes the packed path when x has n rows and falls back to
@@ -43,6 +47,7 @@ from llmserve.models.packed_linear import replace_linears
 logger = logging.getLogger("llmserve.models")
 
 PACK_ROWS = 64  # the row count the panels are packed for (any count runs on them, see above)
+PAD_BELOW = 16  # calls with fewer rows are padded to `row_multiple()` rows; larger ones run as they are
 
 
 class MklPackedLinear(nn.Module):
@@ -58,7 +63,7 @@ class MklPackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)  # [T, in]
-        out = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, rows.shape[0])  # [T, out]
+        out = _padded(self, rows, row_multiple() if rows.shape[0] < PAD_BELOW else 1)  # [T, out]
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -90,6 +95,29 @@ def mkl_packing_works() -> bool:
     except Exception as exc:  # a build without MKL's packed GEMM: F.linear still works
         logger.warning("MKL's packed sgemm unavailable (%s); float32 linears stay on F.linear", exc)
         return False
+
+
+@functools.cache
+def row_multiple() -> int:
+    """The smallest row count (1, 2, 4 or 8) that calls below PAD_BELOW rows must be padded to so
+    that each row comes out with the bits it has in a 600-row call, on this CPU; 1 when none does,
+    which leaves small calls as they are."""
+    gen = torch.Generator().manual_seed(0)
+    probe = MklPackedLinear(torch.randn(96, 128, generator=gen))
+    x = torch.randn(600, 128, generator=gen)
+    with torch.no_grad():
+        full = _padded(probe, x, 1)
+        for multiple in (1, 2, 4, 8):
+            if all(torch.equal(_padded(probe, x[:count], multiple), full[:count]) for count in range(1, 2 * PAD_BELOW)):
+                return multiple
+    logger.warning("MKL's sgemm rows depend on the call's row count on this CPU at any padding")
+    return 1
+
+
+def _padded(linear: MklPackedLinear, x: torch.Tensor, multiple: int) -> torch.Tensor:  # [T, in] -> [T, out]
+    count = x.shape[0]
+    rows = F.pad(x, (0, 0, 0, -count % multiple)) if count % multiple else x  # [T', in], zero rows appended
+    return torch.ops.mkl._mkl_linear(rows, linear.packed, linear.weight, linear.bias, rows.shape[0])[:count]
 
 
 def pack_fp32_linears(model: nn.Module) -> list[nn.Linear]:
