@@ -5,8 +5,8 @@
 
 Matmuls: every matmul of one SmolLM2-135M step (30 layers x qkv [960, 576], o [576, 576],
 gate_up [3072, 576], down [576, 1536], plus the LM head [49152, 576]: 134M weights) on M rows, with
-these implementations: our int4 and int8 kernels, our int8 x int8 AMX-tile kernel (`w8a8`, 1 byte,
-activations quantized per row; left out without AMX-INT8), our AMX-tile bf16 linear the runner uses for bf16
+these implementations: our int4 and int8 kernels, our int8 x int8 kernel (`w8a8`, 1 byte, AMX tiles or AVX-512 VNNI,
+activations quantized per row; left out without either), our AMX-tile bf16 linear the runner uses for bf16
 on a CPU with AMX (`AmxLinear`, 2 bytes; left out elsewhere), the oneDNN-packed bf16 linear it uses
 otherwise (`PackedLinear`) and plain `F.linear` in bf16. Two working sets:
 
@@ -90,7 +90,7 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
     amx_kernel = amx_ops()
     amx: list[AmxLinear] = []
     w8_kernel = cpu_ops.load_w8a8()
-    w8_kernel = w8_kernel if w8_kernel is not None and w8_kernel.has_amx() else None
+    w8_kernel = w8_kernel if w8_kernel is not None and w8_kernel.backend() != "none" else None
     w8a8: list[tuple[torch.Tensor, torch.Tensor]] = []
     for n, k in step_shapes() * copies:
         weight = (torch.randn(n, k, generator=gen) * k**-0.5).bfloat16()
@@ -139,11 +139,11 @@ def build(copies: int) -> tuple[dict[str, Step], dict[str, int]]:
     weights = sum(n * k for n, k in step_shapes()) * copies
     steps = {"int4 kernel": run_int4, "int8 kernel": run_int8}
     if w8a8:
-        steps["w8a8 AMX tiles"] = run_w8a8
+        steps["w8a8 kernel"] = run_w8a8
     if amx:
         steps["bf16 AMX tiles"] = run_amx
     steps |= {"bf16 packed": run_packed, "bf16 F.linear": run_plain}
-    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights, "w8a8 AMX tiles": weights}
+    nbytes = {"int4 kernel": int4_bytes, "int8 kernel": weights, "w8a8 kernel": weights}
     return steps, nbytes | {name: 2 * weights for name in steps if name.startswith("bf16")}
 
 

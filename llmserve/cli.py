@@ -31,7 +31,7 @@ _FLAG_HELP = {
     "model.quantization": "quantize the linear layers' weights at load: int8 (CPU, float32 or bfloat16: "
     "per-row int8 weights and LM head, a C++ kernel for decode steps), int4 (CPU: 4-bit groups of 32 as in "
     "GGUF Q4_1, lossless on the built-in model, int8 LM head, a C++ VNNI kernel for decode steps), w8a8 "
-    "(CPU with AMX-INT8, bfloat16: int8 weights and LM head, activations quantized to int8 per token, "
+    "(CPU with AMX-INT8 or AVX-512 VNNI, bfloat16: int8 weights and LM head, activations quantized to int8 per token, "
     "~2x bf16 on large batches at some quality cost) or, with bitsandbytes, bnb-8bit "
     "(LLM.int8()) or bnb-4bit (NF4); None: no quantization",
     "model.enforce_eager": "run every step eagerly; without it, pure-decode steps on CUDA replay CUDA "

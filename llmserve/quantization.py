@@ -10,9 +10,9 @@ dtype, unless the method's `quantize_head` gives the runner a module for the hea
 - `int4` (CPU): GGUF Q4_1 groups (32 weights, a float16 scale and offset each) for the linear
   layers, the LM head int8 as above; our C++ kernel (int8 activations, VNNI) for steps of up to 8
   rows, a bf16 GEMM over the dequantized weights beyond (llmserve/int4_linear.py).
-- `w8a8` (CPU with AMX-INT8, bf16): per-row int8 weights, the LM head included, and activations
-  quantized to int8 per token at run time; one AMX int8 kernel at every step size, about twice
-  the bf16 tiles' speed on large steps (llmserve/w8a8_linear.py).
+- `w8a8` (CPU with AMX-INT8 or AVX-512 VNNI, bf16): per-row int8 weights, the LM head included,
+  and activations quantized to int8 per token at run time; one int8 kernel at every step size
+  (AMX tiles, else VNNI), about twice bf16's speed on large steps (llmserve/w8a8_linear.py).
 
 bitsandbytes is imported only when a `bnb-*` method is asked for:
 
@@ -195,7 +195,7 @@ class CpuInt4(CpuInt8):
 
 @register("w8a8")
 class CpuW8A8(CpuInt8):
-    """int8 weights and per-token int8 activations on AMX tiles, LM head included; llmserve/w8a8_linear.py."""
+    """int8 weights and per-token int8 activations (AMX tiles or VNNI), LM head included; llmserve/w8a8_linear.py."""
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         from llmserve import w8a8_linear

@@ -15,9 +15,16 @@ from llmserve.int4_linear import KERNEL_MAX_ROWS as INT4_ROWS
 from llmserve.int8_linear import KERNEL_MAX_ROWS as INT8_ROWS
 from llmserve.models.layer_loop import LayerLoop
 from llmserve.models.packed_linear import amx_ops
+from llmserve_kernels import cpu_ops
 from tests.tiny_model import make_tiny_llama
 
-pytestmark = pytest.mark.skipif(amx_ops() is None, reason="the C++ layer loop needs AMX tiles (bf16 linears)")
+# The loop runs where every linear is one of our kernels: bf16 (plain, int8, int4) on AMX tiles, or
+# w8a8 on AMX tiles or AVX-512 VNNI.
+needs_amx = pytest.mark.skipif(amx_ops() is None, reason="bf16 linears are oneDNN calls without AMX tiles")
+_w8a8 = cpu_ops.load_w8a8()
+needs_w8a8 = pytest.mark.skipif(
+    _w8a8 is None or _w8a8.backend() == "none", reason="w8a8 needs AMX-INT8 tiles or AVX-512 VNNI"
+)
 
 
 class Compared:
@@ -51,7 +58,10 @@ def tiny_bias_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-bias"), bias=True, seed=2)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4", "w8a8"])
+@pytest.mark.parametrize(
+    "quantization",
+    [pytest.param(q, marks=needs_amx) for q in (None, "int8", "int4")] + [pytest.param("w8a8", marks=needs_w8a8)],
+)
 @pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "bias"])
 def test_layer_loop_matches_python_loop(
     quantization: str | None, biased: bool, tiny_path: Path, tiny_bias_path: Path
@@ -62,7 +72,7 @@ def test_layer_loop_matches_python_loop(
         max_num_batched_tokens=64, max_num_seqs=16,
     )  # fmt: skip
     model = llm.engine.runner.model
-    assert isinstance(model.layer_loop, LayerLoop), "bf16 with AMX: every linear is one of our kernels"
+    assert isinstance(model.layer_loop, LayerLoop), "every linear is one of our kernels"
     compared = Compared(model, model.layer_loop)
     model.layer_loop = compared
     lengths = [5, 90, 17, 3, 150, 40, 8, 66, 2, 120, 31, 12, 77, 9]
@@ -83,8 +93,12 @@ def test_float32_keeps_the_python_loop(tiny_path: Path) -> None:
     assert llm.engine.runner.model.layer_loop is None
 
 
+@pytest.mark.skipif(
+    amx_ops() is None and (_w8a8 is None or _w8a8.backend() == "none"), reason="no linear kernel for the loop here"
+)
 def test_loop_declines_torch_attention_steps(tiny_path: Path) -> None:
-    llm = LLM(model=str(tiny_path), dtype="bfloat16")
+    # bf16 where AMX tiles run its linears, else w8a8: either way the loop is built
+    llm = LLM(model=str(tiny_path), dtype="bfloat16", quantization=None if amx_ops() is not None else "w8a8")
     loop = llm.engine.runner.model.layer_loop
     assert isinstance(loop, LayerLoop)
     x = torch.zeros(2, 64, dtype=torch.bfloat16)

@@ -15,6 +15,9 @@
 // quantized rows, 16 rows x 64 k, row-major with stride K. Blocking, padding and prefetch are those
 // of amx_linear_cpu.cpp, through the same tile loop (amx_gemm.h).
 //
+// Where AMX is missing (or the process may not use it), AVX-512 VNNI does the products on the same
+// packed weights (vnni_gemm.h) and gives the same bits; `backend()` says which runs.
+//
 // Each row's quantization and its products depend on that row alone, in the same k order at every
 // M, so a row's output does not depend on its batch neighbours. Built without FMA contraction
 // (kernels/cpu_ops.py): the epilogue rounds where the torch reference in tests/test_w8a8.py does.
@@ -26,11 +29,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
+// The vector pieces (quantization, epilogue) need AVX-512 BW and BF16; AMX-INT8 or AVX-512 VNNI
+// does the products, whichever the CPU has (AMX first: twice the multiply-adds per instruction).
+#if defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__linux__)
+#define W8_VEC 1
+#include "cpu_vec.h"
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define W8_AMX 1
 #include "amx_gemm.h"
-#include "cpu_vec.h"
+#endif
+#if defined(__AVX512VNNI__)
+#define W8_VNNI 1
+#include "vnni_gemm.h"
+#endif
 #endif
 
 namespace {
@@ -51,9 +64,7 @@ torch::Tensor w8a8_pack(const torch::Tensor& codes) {
       .view({n_len, k_len});
 }
 
-#if defined(W8_AMX)
-using llmserve_amx::amx_usable;
-
+#if defined(W8_VEC)
 // Row m of x (bf16) -> int8 codes at q and its scale: q = round(x * (127 / amax)), scale = amax / 127.
 inline float quantize_row(const c10::BFloat16* x, int64_t k_len, int8_t* q) {
   __m512 amax = _mm512_setzero_ps();
@@ -94,6 +105,22 @@ inline void store_rows(const int32_t* c, int64_t rows, int64_t nb, const float* 
 }
 #endif
 
+enum class Backend { kNone, kAmx, kVnni };
+
+#if defined(W8_VEC)
+// AMX when this build has it and the kernel lets the process use it; else VNNI when built in.
+inline Backend active_backend() {
+#if defined(W8_AMX)
+  if (llmserve_amx::amx_usable()) return Backend::kAmx;
+#endif
+#if defined(W8_VNNI)
+  return Backend::kVnni;
+#else
+  return Backend::kNone;
+#endif
+}
+#endif
+
 torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
@@ -113,39 +140,62 @@ torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   }
   auto out = torch::empty({m_len, n_len}, x.options());
   if (m_len == 0) return out;
-#if defined(W8_AMX)
-  TORCH_CHECK(amx_usable(), "this process may not use AMX tiles");
+#if defined(W8_VEC)
+  const Backend backend = active_backend();
+  TORCH_CHECK(backend != Backend::kNone, "this CPU has neither AMX-INT8 tiles nor AVX-512 VNNI");
   const int64_t m_pad = (m_len + 15) / 16 * 16;
   auto xq = torch::empty({m_pad, k_len}, x.options().dtype(at::kChar));
   auto sx = torch::empty({m_len}, x.options().dtype(at::kFloat));
+  auto xsum = torch::empty({m_len}, x.options().dtype(at::kInt));
   auto* q = xq.data_ptr<int8_t>();
   auto* sxp = sx.data_ptr<float>();
+  auto* xsp = xsum.data_ptr<int32_t>();
   const auto* xp = x.data_ptr<c10::BFloat16>();
   std::memset(q + m_len * k_len, 0, (m_pad - m_len) * k_len);  // zero rows: no tile reads past x
   at::parallel_for(0, m_len, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len);
+    for (int64_t m = begin; m < end; ++m) {
+      sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len);
+#if defined(W8_VNNI)
+      if (backend == Backend::kVnni) xsp[m] = llmserve_vnni::code_sum(q + m * k_len, k_len);
+#endif
+    }
   });
   const auto* w = reinterpret_cast<const char*>(packed.data_ptr<int8_t>());
   const float* swp = scales.data_ptr<float>();
   auto* o = out.data_ptr<c10::BFloat16>();
-  llmserve_amx::tile_gemm<llmserve_amx::TileProduct::kInt8, int32_t>(
-      reinterpret_cast<const char*>(q), k_len, m_len, w, n_len, k_len / kDepth,
-      [&](const int32_t* c, int64_t rows, int64_t nb, int64_t m0, int64_t n0) {
-        store_rows(c, rows, nb, sxp, swp, bp, o, n_len, m0, n0);
-      });
+#if defined(W8_AMX)
+  if (backend == Backend::kAmx) {
+    llmserve_amx::tile_gemm<llmserve_amx::TileProduct::kInt8, int32_t>(
+        reinterpret_cast<const char*>(q), k_len, m_len, w, n_len, k_len / kDepth,
+        [&](const int32_t* c, int64_t rows, int64_t nb, int64_t m0, int64_t n0) {
+          store_rows(c, rows, nb, sxp, swp, bp, o, n_len, m0, n0);
+        });
+    return out;
+  }
+#endif
+#if defined(W8_VNNI)
+  auto grouped = torch::empty({m_len, k_len}, x.options().dtype(at::kChar));
+  llmserve_vnni::vnni_gemm(q, xsp, sxp, m_len, k_len, w, swp, bp, n_len, o, grouped.data_ptr<int8_t>());
+#endif
 #else
-  TORCH_CHECK(false, "this build has no AMX-INT8 path");
+  TORCH_CHECK(false, "this build has no int8 product path (it needs AVX-512 BW, BF16 and VNNI or AMX-INT8)");
 #endif
   return out;
 }
 
-bool has_amx() {
-#if defined(W8_AMX)
-  return amx_usable();
-#else
-  return false;
+// Which instructions do the products: "amx" (AMX-INT8 tiles), "avx512-vnni" (vpdpbusd) or "none".
+std::string backend_name() {
+#if defined(W8_VEC)
+  switch (active_backend()) {
+    case Backend::kAmx: return "amx";
+    case Backend::kVnni: return "avx512-vnni";
+    case Backend::kNone: break;
+  }
 #endif
+  return "none";
 }
+
+bool has_amx() { return backend_name() == "amx"; }
 
 }  // namespace
 
@@ -160,4 +210,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return Addresses{{"w8a8_linear", address<Int8LinearFn>(&w8a8_linear)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_amx", &has_amx, "whether this build and process can run AMX-INT8 tiles");
+  m.def("backend", &backend_name, "what does the int8 products here: 'amx', 'avx512-vnni' or 'none'");
 }

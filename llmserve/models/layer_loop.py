@@ -128,7 +128,7 @@ def _unsupported(model: nn.Module, decode_kernel: object, prefill_kernel: object
         return "prefill attention is not the C++ kernel"
     for linear in _linears(model):
         if _kind(linear) is None:
-            return f"a linear is {type(linear).__name__} (needs AMX tiles, or int8 / int4 / w8a8 over them)"
+            return f"a linear is {type(linear).__name__} (needs bf16 / int8 / int4 on AMX tiles, or w8a8)"
     return ""
 
 
