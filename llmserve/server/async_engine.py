@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llmserve.openmp import release_thread_workers
 from llmserve.outputs import FinishReason, RequestOutput
 from llmserve.sampling_params import SamplingParams
 
@@ -141,6 +142,9 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._stats = self.engine.stats()
         self._heartbeat = time.monotonic()
+        # This thread loaded the engine; from here on only the engine thread runs torch ops, and
+        # this thread's idle OpenMP workers would make libgomp stop spinning (llmserve/openmp.py).
+        release_thread_workers()
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
         self._thread.start()
 
