@@ -128,40 +128,46 @@ constexpr auto all_tables(std::index_sequence<N...>) {
       block_table<static_cast<int>(N) + 1>(std::make_index_sequence<kMaxRows>{})...};
 }
 
-// out[M, N] from the codes q ([M, K], row-major) and the packed weights w; see Args. One task per
-// 32-column panel, dynamically scheduled (a thread descheduled by the event loop does not hold the
-// others up); each task passes the M rows in equal groups of at most 12. Each group's codes are
-// first interleaved quad by quad ([K / 4, rows, 4]): the block then reads a quad's rows from one
-// pointer at constant offsets, instead of holding 12 row pointers in registers.
-inline void vnni_gemm(const int8_t* q, const int32_t* xsum, const float* sx, int64_t m_len, int64_t k_len,
-                      const char* w, const float* sw, const float* bias, int64_t n_len, c10::BFloat16* out,
-                      int8_t* grouped) {
+// out[M, N] = the w8a8 product of M activation rows and the packed weights w; see Args. One
+// parallel region does it all (a fork and a join per linear, not two):
+//   1. the rows in equal groups of at most 12 (64 rows: 11, 11, 11, 11, 10, 10), a group per
+//      task: `quantize(m)` writes row m's codes to q + m K (with sx[m]), its code sum goes to
+//      xsum[m], and the group's codes are interleaved quad by quad into `grouped` ([K / 4, rows,
+//      4]), so the block reads a quad's rows from one pointer at constant offsets instead of
+//      holding 12 row pointers in registers;
+//   2. one task per 32-column panel, dynamically scheduled (a thread descheduled by the event loop
+//      does not hold the others up), each passing over all the row groups.
+template <class Quantize>
+void vnni_gemm(int64_t m_len, int64_t k_len, Quantize&& quantize, int8_t* q, int32_t* xsum, const float* sx,
+               const char* w, const float* sw, const float* bias, int64_t n_len, c10::BFloat16* out,
+               int8_t* grouped) {
   static constexpr auto tables = all_tables(std::make_index_sequence<kPanelBlocks>{});
   const int64_t groups = (m_len + kMaxRows - 1) / kMaxRows;
-  // groups as equal as can be (64 rows: 11, 11, 11, 11, 10, 10), none over kMaxRows
-  const int64_t base = m_len / groups, extra = m_len % groups;
+  const int64_t base = m_len / groups, extra = m_len % groups;  // group g: base + (g < extra) rows
+  const auto group_start = [&](int64_t g) { return g * base + std::min(g, extra); };
   const int64_t quads = k_len / 4;
-  for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-    const int64_t rows = base + (g < extra ? 1 : 0);
-    auto* dst = reinterpret_cast<int32_t*>(grouped + m0 * k_len);  // [K / 4, rows] quads
-    for (int64_t i = 0; i < rows; ++i) {
-      const auto* src = reinterpret_cast<const int32_t*>(q + (m0 + i) * k_len);
-      for (int64_t r = 0; r < quads; ++r) dst[r * rows + i] = src[r];
-    }
-    m0 += rows;
-  }
   const Args a{grouped, xsum, sx, k_len, w, 16 * k_len, sw, bias, out, n_len};
   const int64_t n_blocks = n_len / 16;
   const int64_t tasks = (n_blocks + kPanelBlocks - 1) / kPanelBlocks;
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t nb0 = t * kPanelBlocks;
-    const auto& table = tables[std::min<int64_t>(kPanelBlocks, n_blocks - nb0) - 1];
-    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-      const int64_t rows = base + (g < extra ? 1 : 0);
-      table[rows - 1](a, m0, nb0);
-      m0 += rows;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t m0 = group_start(g), rows = group_start(g + 1) - m0;
+      auto* dst = reinterpret_cast<int32_t*>(grouped + m0 * k_len);  // [K / 4, rows] quads
+      for (int64_t i = 0; i < rows; ++i) {
+        quantize(m0 + i);
+        xsum[m0 + i] = code_sum(q + (m0 + i) * k_len, k_len);
+        const auto* src = reinterpret_cast<const int32_t*>(q + (m0 + i) * k_len);
+        for (int64_t r = 0; r < quads; ++r) dst[r * rows + i] = src[r];
+      }
+    }  // the implicit barrier: every group is ready before any panel starts
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t nb0 = t * kPanelBlocks;
+      const auto& table = tables[std::min<int64_t>(kPanelBlocks, n_blocks - nb0) - 1];
+      for (int64_t g = 0; g < groups; ++g) table[group_start(g + 1) - group_start(g) - 1](a, group_start(g), nb0);
     }
   }
 }

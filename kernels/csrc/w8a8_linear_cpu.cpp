@@ -146,25 +146,19 @@ torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const int64_t m_pad = (m_len + 15) / 16 * 16;
   auto xq = torch::empty({m_pad, k_len}, x.options().dtype(at::kChar));
   auto sx = torch::empty({m_len}, x.options().dtype(at::kFloat));
-  auto xsum = torch::empty({m_len}, x.options().dtype(at::kInt));
   auto* q = xq.data_ptr<int8_t>();
   auto* sxp = sx.data_ptr<float>();
-  auto* xsp = xsum.data_ptr<int32_t>();
   const auto* xp = x.data_ptr<c10::BFloat16>();
-  std::memset(q + m_len * k_len, 0, (m_pad - m_len) * k_len);  // zero rows: no tile reads past x
-  at::parallel_for(0, m_len, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len);
-#if defined(W8_VNNI)
-      if (backend == Backend::kVnni) xsp[m] = llmserve_vnni::code_sum(q + m * k_len, k_len);
-#endif
-    }
-  });
+  const auto quantize = [&](int64_t m) { sxp[m] = quantize_row(xp + m * k_len, k_len, q + m * k_len); };
   const auto* w = reinterpret_cast<const char*>(packed.data_ptr<int8_t>());
   const float* swp = scales.data_ptr<float>();
   auto* o = out.data_ptr<c10::BFloat16>();
 #if defined(W8_AMX)
   if (backend == Backend::kAmx) {
+    std::memset(q + m_len * k_len, 0, (m_pad - m_len) * k_len);  // zero rows: no tile reads past x
+    at::parallel_for(0, m_len, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) quantize(m);
+    });
     llmserve_amx::tile_gemm<llmserve_amx::TileProduct::kInt8, int32_t>(
         reinterpret_cast<const char*>(q), k_len, m_len, w, n_len, k_len / kDepth,
         [&](const int32_t* c, int64_t rows, int64_t nb, int64_t m0, int64_t n0) {
@@ -174,8 +168,10 @@ torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   }
 #endif
 #if defined(W8_VNNI)
+  auto xsum = torch::empty({m_len}, x.options().dtype(at::kInt));
   auto grouped = torch::empty({m_len, k_len}, x.options().dtype(at::kChar));
-  llmserve_vnni::vnni_gemm(q, xsp, sxp, m_len, k_len, w, swp, bp, n_len, o, grouped.data_ptr<int8_t>());
+  llmserve_vnni::vnni_gemm(m_len, k_len, quantize, q, xsum.data_ptr<int32_t>(), sxp, w, swp, bp, n_len, o,
+                           grouped.data_ptr<int8_t>());
 #endif
 #else
   TORCH_CHECK(false, "this build has no int8 product path (it needs AVX-512 BW, BF16 and VNNI or AMX-INT8)");
