@@ -289,10 +289,13 @@ def test_roofline_figures_from_token_counts(tmp_path: Path) -> None:
         "llmserve": weight_bytes("llmserve", "bfloat16", [], gguf, size),
         "int8": weight_bytes("llmserve", "bfloat16", ["--quantization", "int8"], gguf, size),
         "int4": weight_bytes("llmserve", "bfloat16", ["--quantization", "int4"], gguf, size),
+        "w8a8": weight_bytes("llmserve", "bfloat16", ["--quantization", "w8a8"], gguf, size),
         "llama.cpp": weight_bytes("llama.cpp", "bfloat16", [], gguf, size),
     }
     # int4: the 80M body weights at 20 bytes per 32, the 20M head in int8.
-    assert weights == {"llmserve": 200_000_000, "int8": 100_000_000, "int4": 70_000_000, "llama.cpp": 1234}
+    assert weights == {
+        "llmserve": 200_000_000, "int8": 100_000_000, "int4": 70_000_000, "w8a8": 100_000_000, "llama.cpp": 1234,
+    }  # fmt: skip
 
     # 1000 prompt + 500 answer tokens in 2 s: (2 * 80M * 1500 + 2 * 20M * 500) / 2 s = 130 GFLOP/s.
     metrics_1 = {"total_input_tokens": 1000, "total_output_tokens": 500, "duration": 2.0, "output_throughput": 250.0}

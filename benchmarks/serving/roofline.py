@@ -45,8 +45,8 @@ class Ceilings:
 def weight_bytes(server: str, dtype: str, extra_args: list[str], gguf: Path, size: bench_offline.ModelSize) -> int:
     """Bytes of weights one forward pass reads, by what each server holds.
 
-    llmserve and transformers hold every weight in `dtype`; llmserve's `--quantization int8` holds
-    one byte per weight (the per-row scales are noise), and `int4` the body in Q4_1 (20 bytes per
+    llmserve and transformers hold every weight in `dtype`; llmserve's `--quantization int8` and
+    `w8a8` hold one byte per weight (the per-row scales are noise), and `int4` the body in Q4_1 (20 bytes per
     32 weights) with the LM head in int8. llama.cpp runs the GGUF's own blocks (Q4_1 here): the
     file's size is what it reads."""
     if server == "llama.cpp":
@@ -56,7 +56,7 @@ def weight_bytes(server: str, dtype: str, extra_args: list[str], gguf: Path, siz
     )
     if quantization == "int4":
         return (size.params - size.embed_params) * 20 // 32 + size.embed_params
-    per_param = 1 if quantization == "int8" else _DTYPE_BYTES.get(dtype, 2)
+    per_param = 1 if quantization in ("int8", "w8a8") else _DTYPE_BYTES.get(dtype, 2)
     return size.params * per_param
 
 
