@@ -1,5 +1,6 @@
 // The int8 x int8 products of the w8a8 linear (w8a8_linear_cpu.cpp) with AVX-512 VNNI, for CPUs
-// without AMX tiles (AMD Zen 4, Intel Ice Lake / Cascade Lake). Same packed weights as the AMX
+// without AMX tiles but with AVX-512 BF16 for the epilogue (AMD Zen 4 and later, Intel Cooper Lake;
+// Ice Lake and Cascade Lake lack BF16 and are refused). Same packed weights as the AMX
 // path, same exact int32 sums, same epilogue: the two give the same bits.
 //
 // The tile layout [N / 16, K / 64, 16 (quad r), 16 (n), 4] is also VNNI's: quad r of a column
