@@ -116,8 +116,8 @@ def load_amx_linear() -> ModuleType | None:
 
 @functools.cache
 def load_w8a8() -> ModuleType | None:
-    """The int8 x int8 AMX-tile linear layer (csrc/w8a8_linear_cpu.cpp), or None. A build on a CPU
-    without AMX-INT8 loads, and its `has_amx()` says False."""
+    """The int8 x int8 linear layer, AMX tiles or VNNI (csrc/w8a8_linear_cpu.cpp), or None. A build on a CPU
+    with neither AMX-INT8 nor AVX-512 VNNI loads, and its `backend()` says "none"."""
     return _load("w8a8 linear", "w8a8_linear_cpu.cpp", _EXACT)
 
 

@@ -22,9 +22,8 @@ from tests.tiny_model import make_tiny_llama
 # w8a8 on AMX tiles or AVX-512 VNNI.
 needs_amx = pytest.mark.skipif(amx_ops() is None, reason="bf16 linears are oneDNN calls without AMX tiles")
 _w8a8 = cpu_ops.load_w8a8()
-needs_w8a8 = pytest.mark.skipif(
-    _w8a8 is None or _w8a8.backend() == "none", reason="w8a8 needs AMX-INT8 tiles or AVX-512 VNNI"
-)
+W8A8_RUNS = _w8a8 is not None and _w8a8.backend() != "none"
+needs_w8a8 = pytest.mark.skipif(not W8A8_RUNS, reason="w8a8 needs AMX-INT8 tiles or AVX-512 VNNI")
 
 
 class Compared:
@@ -93,9 +92,7 @@ def test_float32_keeps_the_python_loop(tiny_path: Path) -> None:
     assert llm.engine.runner.model.layer_loop is None
 
 
-@pytest.mark.skipif(
-    amx_ops() is None and (_w8a8 is None or _w8a8.backend() == "none"), reason="no linear kernel for the loop here"
-)
+@pytest.mark.skipif(amx_ops() is None and not W8A8_RUNS, reason="no linear kernel for the loop here")
 def test_loop_declines_torch_attention_steps(tiny_path: Path) -> None:
     # bf16 where AMX tiles run its linears, else w8a8: either way the loop is built
     llm = LLM(model=str(tiny_path), dtype="bfloat16", quantization=None if amx_ops() is not None else "w8a8")

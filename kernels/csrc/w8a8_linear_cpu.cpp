@@ -143,7 +143,7 @@ torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 #if defined(W8_VEC)
   const Backend backend = active_backend();
   TORCH_CHECK(backend != Backend::kNone, "this CPU has neither AMX-INT8 tiles nor AVX-512 VNNI");
-  const int64_t m_pad = (m_len + 15) / 16 * 16;
+  const int64_t m_pad = backend == Backend::kAmx ? (m_len + 15) / 16 * 16 : m_len;  // AMX reads whole tiles
   auto xq = torch::empty({m_pad, k_len}, x.options().dtype(at::kChar));
   auto sx = torch::empty({m_len}, x.options().dtype(at::kFloat));
   auto* q = xq.data_ptr<int8_t>();
@@ -191,8 +191,6 @@ std::string backend_name() {
   return "none";
 }
 
-bool has_amx() { return backend_name() == "amx"; }
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -205,6 +203,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace llmserve_abi;
     return Addresses{{"w8a8_linear", address<Int8LinearFn>(&w8a8_linear)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
-  m.def("has_amx", &has_amx, "whether this build and process can run AMX-INT8 tiles");
   m.def("backend", &backend_name, "what does the int8 products here: 'amx', 'avx512-vnni' or 'none'");
 }
