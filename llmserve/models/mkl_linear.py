@@ -24,8 +24,13 @@ model's shapes each row also comes out the same whatever other rows share the ca
 sgemm does not do (its rows at M <= 7 differ from the same rows at M = 600). On AMD Zen 4 MKL's
 kernels for M < 12 rows that are not a multiple of 4 also round differently, packed or not, so
 small calls are padded with zero rows up to the next multiple the CPU needs (`row_multiple`, probed
-once: 1 on the Intel Xeons measured, 4 on Zen 4); padding one decode row to four costs little,
-since a call at so few rows is bound by reading the weight, not by its rows. The float32 greedy
+once: 1 on the Intel Xeons measured, 4 on Zen 4). That is not free on Zen 4: one row alone runs
+MKL's fast matrix-vector kernel, the very path whose rounding differs, and padded it runs the GEMM
+kernel. Measured there (2026-12-03 09:20 UTC, 2 threads, best of 7, interleaved), the 120 body
+matmuls at one row: 10.6 ms unpadded, 27.8 ms padded (3 rows: 28.2 and 28.9; 8 rows: 31.7 and
+32.1); one float32 stream of the built-in model decodes at 14 tok/s instead of 26. The engine
+keeps the padding: batching must not change a sequence's output, and float32 runs for exactness
+(bfloat16 or a quantization is the fast choice). The float32 greedy
 parity with transformers stays tested token for token (tests/test_parity.py).
 
 `_mkl_linear(x, packed, weight, bias, n)` takes the packed path when x has n rows and falls back to
