@@ -11,15 +11,16 @@ import statistics
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from server_helpers import API_KEY, REPO, ServerProcess
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_serving
 from serving import metrics
-from serving.client import RequestResult, RequestSettings, send_request
+from serving.client import RequestResult, RequestSettings, make_client, send_request
 from serving.datasets import DatasetConfig, SampleRequest, sample_requests
 from serving.runner import arrival_times
 from serving.tokenizer import TokenCounter, tiktoken_counter
@@ -170,12 +171,23 @@ def test_concurrency_figures() -> None:
 # ---- the client on canned streams --------------------------------------------------------------
 
 
-def stream_once(body: str, status: int = 200) -> RequestResult:
-    transport = httpx.MockTransport(lambda request: httpx.Response(status, text=body))
-    settings = RequestSettings(base_url="http://127.0.0.1:1", model="m")
+def stream_once(body: str, status: int = 200, piece: int = 7) -> RequestResult:
+    """`body` served on a loopback port in `piece`-byte writes, so SSE lines span network reads."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        data = body.encode()
+        for i in range(0, len(data), piece):
+            await response.write(data[i : i + piece])
+        await response.write_eof()
+        return response
 
     async def go() -> RequestResult:
-        async with httpx.AsyncClient(transport=transport) as client:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        async with TestServer(app, host="127.0.0.1") as server, make_client(1) as client:
+            settings = RequestSettings(base_url=str(server.make_url("")), model="m")
             return await send_request(client, settings, SampleRequest("hi", 1, 3), 0.0)
 
     return asyncio.run(go())
