@@ -14,8 +14,9 @@
 #include "kernel_abi.h"
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <cmath>
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -114,6 +115,29 @@ static inline void prefetch_block(const T* cache, int64_t block, int64_t num_kv_
   for (int64_t off = 0; off < block_size * D * static_cast<int64_t>(sizeof(T)); off += 64)
     _mm_prefetch(p + off, _MM_HINT_T1);
 }
+
+// The first `blocks` pool blocks of sequence `table`, every KV head, K and V: what a thread asks
+// for while it still works on the sequence before (see kLookaheadBlocks).
+template <typename T, int D>
+static inline void prefetch_sequence(const T* k_cache, const T* v_cache, const int64_t* table, int64_t blocks,
+                                     int64_t num_kv_heads, int64_t block_size) {
+  const int64_t bytes = num_kv_heads * block_size * D * static_cast<int64_t>(sizeof(T));  // a block, all heads
+  for (int64_t i = 0; i < blocks; ++i) {
+    const char* k = reinterpret_cast<const char*>(k_cache + table[i] * num_kv_heads * block_size * D);
+    const char* v = reinterpret_cast<const char*>(v_cache + table[i] * num_kv_heads * block_size * D);
+    for (int64_t off = 0; off < bytes; off += 64) {
+      _mm_prefetch(k + off, _MM_HINT_T1);
+      _mm_prefetch(v + off, _MM_HINT_T1);
+    }
+  }
+}
+
+// A thread claims its next sequence when it starts one, and prefetches that sequence's first
+// blocks (all KV heads) while it computes the current one, so a sequence's first blocks are no
+// longer demand misses. Measured on the Zen 4 core pair, 64 sequences x 30 layers, bf16, best of
+// 5 (2026-12-03): 126 tokens 10.2-10.7 -> 8.5 ms (4 blocks ahead: 9.0-9.6, 16: 8.4); 400 tokens
+// 35.8 -> 34.0 ms.
+constexpr int64_t kLookaheadBlocks = 8;
 
 // scores[j * len + t0 + i] = qf_j . k_i for the block's n <= 16 rows, every head j of the group.
 // float32 rows are read in place; other dtypes are widened once into `kf` for all g heads.
@@ -260,6 +284,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
   // them), so equal static chunks would leave one thread idle while another does the long ones.
   // A chunk is one sequence's KV heads, so two threads never share a sequence's blocks: measured
   // at 64 sequences of 55-110 tokens, 2 threads, 30 layers, 15.4 -> ~11 ms with the prefetch below.
+  std::atomic<int64_t> next_seq{0};
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> qf(group * D), acc(group * D), scores;
@@ -268,9 +293,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
     std::vector<__m512bh> qb(std::max<int64_t>(1, group * D / 32));  // q rows as 32 bf16 a vector
 #endif
     [[maybe_unused]] alignas(64) float row[D];
-#pragma omp for schedule(dynamic, num_kv_heads)
-    for (int64_t task = 0; task < batch * num_kv_heads; ++task) {
-      const int64_t b = task / num_kv_heads, kvh = task % num_kv_heads;
+    const auto run = [&](int64_t b, int64_t kvh) {
       const int64_t len = lens[b];
       const int64_t* table = tables + b * max_blocks;
       const T* q_rows = q + (b * num_heads + kvh * group) * D;
@@ -358,6 +381,21 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         plain_pv<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data(), row);
       T* out_rows = out + (b * num_heads + kvh * group) * D;
       for (int64_t i = 0; i < group * D; ++i) out_rows[i] = static_cast<T>(acc[i]);
+    };
+    // Sequences handed out one at a time from a shared counter (dynamic scheduling, as `omp for
+    // schedule(dynamic)`), each claimed one sequence early for the prefetch above.
+    int64_t b = next_seq.fetch_add(1, std::memory_order_relaxed);
+    while (b < batch) {
+      const int64_t ahead = next_seq.fetch_add(1, std::memory_order_relaxed);
+#if defined(LLMSERVE_AVX512)
+      if constexpr (kVector)
+        if (ahead < batch)
+          prefetch_sequence<T, D>(k_cache, v_cache, tables + ahead * max_blocks,
+                                  std::min(kLookaheadBlocks, (lens[ahead] + block_size - 1) / block_size),
+                                  num_kv_heads, block_size);
+#endif
+      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) run(b, kvh);
+      b = ahead;
     }
   }
 }
