@@ -229,6 +229,40 @@ def test_client_records_failures_instead_of_raising() -> None:
     assert not stream_once(sse({"error": {"message": "engine died"}})).success
 
 
+def test_client_opens_a_connection_per_request() -> None:
+    """A server that closes each connection shortly after its response, without saying so (as
+    llama-server does with kept-alive connections): back-to-back requests must all succeed."""
+    body = sse({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}, "[DONE]")
+    response = (
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        f"content-length: {len(body.encode())}\r\n\r\n{body}"
+    ).encode()
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        length = next(int(h.split(b":")[1]) for h in lines if h.startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(response)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client may send its next request on this connection meanwhile
+        writer.close()
+
+    async def go() -> list[RequestResult]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = RequestSettings(base_url=f"http://127.0.0.1:{port}", model="m")
+        async with server, make_client(1) as client:
+            return [await send_request(client, settings, SampleRequest("hi", 1, 3), 0.0) for _ in range(4)]
+
+    results = asyncio.run(go())
+    assert [r.error for r in results] == [""] * 4 and all(r.text == "x" for r in results)
+    assert connections == 4
+
+
 # ---- arrivals and datasets ---------------------------------------------------------------------
 
 

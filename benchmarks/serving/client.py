@@ -156,9 +156,12 @@ async def _read_stream(
 def make_client(concurrency: int) -> aiohttp.ClientSession:
     # trust_env=False: a proxy set in the environment must not carry loopback traffic. No total or
     # read timeout: a long queue at high load is what is being measured, not an error. A 4 MiB read
-    # buffer: one SSE line (a chunk with logprobs) must fit in it whole.
+    # buffer: one SSE line (a chunk with logprobs) must fit in it whole. force_close: a connection
+    # per request, as vLLM's client (a session per request): llama-server closes kept-alive
+    # connections on its own schedule, and a POST sent on one it is closing fails ("Server
+    # disconnected") where it should not count as the server's failure.
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency),
+        connector=aiohttp.TCPConnector(limit=concurrency, force_close=True),
         timeout=aiohttp.ClientTimeout(total=None, connect=30.0, sock_connect=30.0),
         trust_env=False,
         read_bufsize=_READ_BUFFER,
