@@ -5,11 +5,10 @@ watching for the client to leave."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -22,6 +21,7 @@ from llmserve.server.async_engine import AsyncEngine, EngineDeadError, EngineDra
 from llmserve.server.errors import APIError, error_body
 from llmserve.server.metrics import ServerMetrics
 from llmserve.server.responses import TokenText
+from llmserve.server.sse_events import dumps, event
 
 T = TypeVar("T")
 _RETRY_AFTER_S = "1"
@@ -35,10 +35,6 @@ class ServerState:
     metrics: ServerMetrics
     tokens: TokenText
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def check_model(state: ServerState, model: str) -> None:
@@ -100,11 +96,13 @@ def failure(out: RequestOutput) -> APIError | None:
     return None
 
 
-def sse_error(error: APIError) -> str:
-    return dumps(error_body(error.message, error.type, error.param, error.code))
+def sse_error(error: APIError) -> bytes:
+    return event(dumps(error_body(error.message, error.type, error.param, error.code)))
 
 
-def sse_response(state: ServerState, events: AsyncIterator[str], stream: OutputStream) -> EventSourceResponse:
+def sse_response(
+    state: ServerState, events: AsyncIterator[bytes], stream: OutputStream
+) -> EventSourceResponse:
     # The generator aborts in its `finally`; the background task covers a response that never
     # started iterating (client gone before the first byte).
     return EventSourceResponse(

@@ -21,13 +21,13 @@ from llmserve.server.serving import (
     check_admission,
     check_model,
     collect,
-    dumps,
     failure,
     sse_error,
     sse_response,
     submit,
     unless_disconnected,
 )
+from llmserve.server.sse_events import DONE, ChunkEvents
 
 
 async def create_chat_completion(state: ServerState, request: Request, data: Any, arrival: float) -> Response:
@@ -98,34 +98,35 @@ def _chat_completion(
 
 async def _chat_events(
     state: ServerState, stream: OutputStream, req: ChatRequest, request_id: str, created: int, num_prompt: int
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     with_usage = req.stream.include_usage
-
-    def chunk(choice: dict[str, Any]) -> str:
-        return dumps(R.chat_chunk(request_id, created, state.model_id, [choice], None, with_usage))
-
+    # The chunk fields before `choices`, in R.chat_chunk's order.
+    head = R.chat_chunk(request_id, created, state.model_id, [])
+    del head["choices"]
+    events = ChunkEvents(head, with_usage)
     completion_tokens: dict[int, int] = {}
     cached = 0
     try:
         for i in range(req.params.n):
-            yield chunk(R.chat_chunk_choice(i, {"role": "assistant", "content": ""}))
+            yield events.choices([R.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
         async for out in stream:
             if (error := failure(out)) is not None:
                 yield sse_error(error)
                 break
             completion_tokens[out.index] = out.num_output_tokens
             cached = max(cached, out.num_cached_tokens)
-            logprobs = (
-                R.chat_logprobs(out.new_logprobs, state.tokens) if req.logprobs and out.new_logprobs else None
-            )
-            if out.new_text or logprobs is not None:
-                yield chunk(R.chat_chunk_choice(out.index, {"content": out.new_text}, None, logprobs))
+            if req.logprobs and out.new_logprobs:
+                logprobs = R.chat_logprobs(out.new_logprobs, state.tokens)
+                yield events.choices(
+                    [R.chat_chunk_choice(out.index, {"content": out.new_text}, None, logprobs)]
+                )
+            elif out.new_text:
+                yield events.chat_text(out.index, out.new_text)
             if out.finished:
-                yield chunk(R.chat_chunk_choice(out.index, {}, out.finish_reason))
+                yield events.choices([R.chat_chunk_choice(out.index, {}, out.finish_reason)])
         else:
             if with_usage:
-                usage = R.usage(num_prompt, sum(completion_tokens.values()), cached)
-                yield dumps(R.chat_chunk(request_id, created, state.model_id, [], usage, True))
-        yield "[DONE]"
+                yield events.usage(R.usage(num_prompt, sum(completion_tokens.values()), cached))
+        yield DONE
     finally:
         stream.abort()  # no-op when every choice finished; else the client left mid-stream

@@ -25,13 +25,13 @@ from llmserve.server.serving import (
     check_admission,
     check_model,
     collect,
-    dumps,
     failure,
     sse_error,
     sse_response,
     submit,
     unless_disconnected,
 )
+from llmserve.server.sse_events import DONE, ChunkEvents
 
 logger = logging.getLogger("llmserve.server")
 
@@ -166,25 +166,27 @@ async def _completion_events(
     choices: _Choices,
     request_id: str,
     created: int,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     with_usage = req.stream.include_usage
-
-    def chunk(choice: dict[str, Any]) -> str:
-        return dumps(R.completion(request_id, created, state.model_id, [choice], None, with_usage))
-
+    # The chunk fields before `choices`, in R.completion's order.
+    head = R.completion(request_id, created, state.model_id, [])
+    del head["choices"], head["usage"]
+    events = ChunkEvents(head, with_usage)
     try:
         async for out in stream:
             if (error := failure(out)) is not None:
                 yield sse_error(error)
                 break
             index, text, logprobs = choices.add(out)
-            if text or logprobs is not None:
-                yield chunk(R.completion_choice(index, text, None, logprobs))
+            if logprobs is not None:
+                yield events.choices([R.completion_choice(index, text, None, logprobs)])
+            elif text:
+                yield events.completion_text(index, text)
             if out.finished:
-                yield chunk(R.completion_choice(index, "", out.finish_reason, None))
+                yield events.choices([R.completion_choice(index, "", out.finish_reason, None)])
         else:
             if with_usage:
-                yield dumps(R.completion(request_id, created, state.model_id, [], choices.usage(), True))
-        yield "[DONE]"
+                yield events.usage(choices.usage())
+        yield DONE
     finally:
         stream.abort()
