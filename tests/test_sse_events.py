@@ -29,15 +29,11 @@ def framed(obj: object) -> bytes:
 
 
 def chat_events(with_usage: bool) -> ChunkEvents:
-    head = R.chat_chunk("chatcmpl-1", 1733000000, "smol", [])
-    del head["choices"]
-    return ChunkEvents(head, with_usage)
+    return ChunkEvents(R.stream_head("chatcmpl-1", "chat.completion.chunk", 1733000000, "smol"), with_usage)
 
 
 def completion_events(with_usage: bool) -> ChunkEvents:
-    head = R.completion("cmpl-1", 1733000000, "smol", [])
-    del head["choices"], head["usage"]
-    return ChunkEvents(head, with_usage)
+    return ChunkEvents(R.stream_head("cmpl-1", "text_completion", 1733000000, "smol"), with_usage)
 
 
 @pytest.mark.parametrize("with_usage", [False, True])

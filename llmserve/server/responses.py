@@ -38,6 +38,12 @@ def chat_choice(
     }
 
 
+def stream_head(rid: str, object_: str, created: int, model: str) -> dict[str, Any]:
+    """The fields a chunk (or a completion) starts with, before its `choices`; a stream's are the
+    same in every chunk, so the SSE layer serializes them once (sse_events.ChunkEvents)."""
+    return {"id": rid, "object": object_, "created": created, "model": model, "system_fingerprint": None}
+
+
 def chat_chunk(
     rid: str,
     created: int,
@@ -46,14 +52,7 @@ def chat_chunk(
     usage: dict[str, Any] | None = None,
     with_usage: bool = False,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
+    chunk = {**stream_head(rid, "chat.completion.chunk", created, model), "choices": choices}
     if with_usage:  # with include_usage every chunk carries the key, null until the last
         chunk["usage"] = usage
     return chunk
@@ -76,14 +75,7 @@ def completion(
     usage: dict[str, Any] | None = None,
     with_usage: bool = True,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
+    body = {**stream_head(rid, "text_completion", created, model), "choices": choices}
     if with_usage:
         body["usage"] = usage
     return body

@@ -100,10 +100,9 @@ async def _chat_events(
     state: ServerState, stream: OutputStream, req: ChatRequest, request_id: str, created: int, num_prompt: int
 ) -> AsyncIterator[bytes]:
     with_usage = req.stream.include_usage
-    # The chunk fields before `choices`, in R.chat_chunk's order.
-    head = R.chat_chunk(request_id, created, state.model_id, [])
-    del head["choices"]
-    events = ChunkEvents(head, with_usage)
+    events = ChunkEvents(
+        R.stream_head(request_id, "chat.completion.chunk", created, state.model_id), with_usage
+    )
     completion_tokens: dict[int, int] = {}
     cached = 0
     try:

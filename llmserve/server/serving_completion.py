@@ -168,10 +168,7 @@ async def _completion_events(
     created: int,
 ) -> AsyncIterator[bytes]:
     with_usage = req.stream.include_usage
-    # The chunk fields before `choices`, in R.completion's order.
-    head = R.completion(request_id, created, state.model_id, [])
-    del head["choices"], head["usage"]
-    events = ChunkEvents(head, with_usage)
+    events = ChunkEvents(R.stream_head(request_id, "text_completion", created, state.model_id), with_usage)
     try:
         async for out in stream:
             if (error := failure(out)) is not None:
