@@ -47,21 +47,23 @@ class ChunkEvents:
 
     def choices(self, choices: list[dict[str, Any]]) -> bytes:
         """A chunk with these choices (any fields: role, finish_reason, logprobs)."""
-        return (self._prefix + dumps(choices)[1:-1] + self._suffix).encode()
+        return self._chunk(dumps(choices)[1:-1])
 
     def chat_text(self, index: int, text: str) -> bytes:
         """A chat token's chunk: `{"index", "delta": {"content"}, "logprobs": null, "finish_reason": null}`."""
-        choice = (
+        return self._chunk(
             f'{{"index":{index},"delta":{{"content":{_quote(text)}}},"logprobs":null,"finish_reason":null}}'
         )
-        return (self._prefix + choice + self._suffix).encode()
 
     def completion_text(self, index: int, text: str) -> bytes:
         """A completions token's chunk: `{"index", "text", "logprobs": null, "finish_reason": null}`."""
-        choice = f'{{"index":{index},"text":{_quote(text)},"logprobs":null,"finish_reason":null}}'
-        return (self._prefix + choice + self._suffix).encode()
+        return self._chunk(f'{{"index":{index},"text":{_quote(text)},"logprobs":null,"finish_reason":null}}')
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         """The last chunk of an include_usage stream: no choices, the request's usage."""
         assert self._with_usage, "a usage chunk is only sent with stream_options.include_usage"
         return (self._prefix + '],"usage":' + dumps(usage) + "}\n\n").encode()
+
+    def _chunk(self, choices_json: str) -> bytes:
+        """choices_json: the choices' JSON objects, comma-separated, without the list's brackets."""
+        return (self._prefix + choices_json + self._suffix).encode()
