@@ -6,19 +6,27 @@ package would shadow the PyPI package of that name).
 from __future__ import annotations
 
 from llmserve_kernels.paged_attention_ref import (
+    KV_SCALE_BYTES,
+    cache_head_dim,
     decode_mask,
+    dequantize_kv,
     gather_context,
     gather_index,
     paged_attention_decode,
     paged_attention_prefill,
+    quantize_kv,
     write_kv_cache,
 )
 
 __all__ = [
+    "KV_SCALE_BYTES",
+    "cache_head_dim",
     "decode_mask",
+    "dequantize_kv",
     "gather_context",
     "gather_index",
     "paged_attention_decode",
     "paged_attention_prefill",
+    "quantize_kv",
     "write_kv_cache",
 ]

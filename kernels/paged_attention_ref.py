@@ -8,6 +8,10 @@ Head-major blocks let one index op gather a batch's context straight into the [B
 layout attention wants: viewing the cache as [num_blocks * Hkv, block_size, D], entry
 `block * Hkv + h` is one head's block, a contiguous block_size * D run (4 KB in fp32 at D=64).
 
+The int8 KV cache (`kv_cache_dtype = "int8"`) is [num_blocks, Hkv, block_size, D + 4] int8: a
+row holds one token's D codes of one head, then their float32 scale in its 4 bytes (`quantize_kv`).
+`gather_context` dequantizes, so every function here takes either cache.
+
 Cost (decode, per layer): each sequence's context is read once by the gather and once more by
 the matmuls, 2 * L * Hkv * D * bytes each for K and V; at SmolLM2-135M sizes (Hkv=3, D=64)
 that is 1.5 KB per context token per layer in fp32.
@@ -17,6 +21,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+KV_SCALE_BYTES = 4  # the float32 scale at the end of an int8 cache row
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] model-dtype rows -> [..., D + 4] int8 cache rows: symmetric per row (one token, one
+    head), scale = max|x| / 127, code = round-half-even(x * (127 / max|x|)), in float32. The C++
+    writer (kernels/csrc/cpu_vec.h kv_quantize_row) does the same float32 operations, so both
+    write the same bytes."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)  # [..., 1]
+    # Tensor by tensor: torch turns `127.0 / t` into 127 * (1 / t), two roundings, not the C++ one.
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    codes = (x32 * inv).round().clamp_(-127, 127).to(torch.int8)
+    scale = (amax / c127).contiguous().view(torch.int8)  # [..., 4]: the float32's bytes
+    return torch.cat([codes, scale], dim=-1)
+
+
+def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., D + 4] int8 cache rows -> [..., D] values code * scale (float32, then `dtype`)."""
+    head_dim = rows.shape[-1] - KV_SCALE_BYTES
+    scale = rows[..., head_dim:].contiguous().view(torch.float32)  # [..., 1]
+    return (rows[..., :head_dim].float() * scale).to(dtype)
+
+
+def cache_head_dim(cache: torch.Tensor) -> int:
+    """The head size D of a cache, whichever its dtype."""
+    return cache.shape[-1] - (KV_SCALE_BYTES if cache.dtype == torch.int8 else 0)
 
 
 def write_kv_cache(
@@ -28,6 +61,8 @@ def write_kv_cache(
 ) -> None:
     block_size = k_cache.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)  # [T, Hkv, D + 4]
     # Two advanced indices around a slice: the indexed view is [T, Hkv, D], like k.
     k_cache[blocks, :, offsets] = k
     v_cache[blocks, :, offsets] = v
@@ -39,12 +74,17 @@ def gather_index(block_tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return block_tables[:, None, :] * num_kv_heads + heads[None, :, None]
 
 
-def gather_context(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Contiguous context of each sequence: [B, Hkv, nblk * block_size, D]."""
-    num_blocks, num_kv_heads, block_size, head_dim = cache.shape
+def gather_context(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Contiguous context of each sequence: [B, Hkv, nblk * block_size, D]; an int8 cache comes
+    back dequantized to `dtype`."""
+    num_blocks, num_kv_heads, block_size, row = cache.shape
     # index_select runs 2-2.5x faster than advanced indexing here (measured, fp32 and bf16).
-    rows = cache.view(num_blocks * num_kv_heads, block_size, head_dim).index_select(0, index.flatten())
-    return rows.view(index.shape[0], num_kv_heads, -1, head_dim)  # [B, Hkv, nblk * bs, D]
+    rows = cache.view(num_blocks * num_kv_heads, block_size, row).index_select(0, index.flatten())
+    rows = rows.view(index.shape[0], num_kv_heads, -1, row)  # [B, Hkv, nblk * bs, row]
+    if cache.dtype == torch.int8:
+        assert dtype is not None, "an int8 cache needs the dtype to dequantize to"
+        return dequantize_kv(rows, dtype)  # [B, Hkv, nblk * bs, D]
+    return rows
 
 
 def decode_mask(context_lens: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,8 +104,8 @@ def paged_attention_decode(
 ) -> torch.Tensor:  # [B, H, D]
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    k = gather_context(k_cache, index)  # [B, Hkv, L, D]
-    v = gather_context(v_cache, index)
+    k = gather_context(k_cache, index, q.dtype)  # [B, Hkv, L, D]
+    v = gather_context(v_cache, index, q.dtype)
     # Grouped-query attention as plain matmuls: the g query heads sharing a KV head form the
     # rows of one [g, D] x [D, L] product, so K/V are never repeated per query head.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
@@ -85,8 +125,8 @@ def paged_attention_prefill(
 ) -> torch.Tensor:  # [n, H, D]
     n = q.shape[0]
     ctx = start + n
-    k = gather_context(k_cache, index)[:, :, :ctx]  # [1, Hkv, ctx, D]
-    v = gather_context(v_cache, index)[:, :, :ctx]
+    k = gather_context(k_cache, index, q.dtype)[:, :, :ctx]  # [1, Hkv, ctx, D]
+    v = gather_context(v_cache, index, q.dtype)[:, :, :ctx]
     if start == 0:
         mask, causal = None, True
     else:

@@ -16,6 +16,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
 QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "int8", "int4", "w8a8")  # each a quantizer registered in llmserve/quantization.py
 
 
@@ -54,8 +55,10 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0  # budget for the KV pool; sets the number of blocks
     num_blocks: int | None = None  # overrides the budget (tests use it to force preemption)
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; int8: codes + a scale per token and head (CPU)
 
     def __post_init__(self) -> None:
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.kv_cache_memory_gb <= 0:

@@ -19,7 +19,7 @@ from llmserve.config import EngineConfig
 from llmserve.cuda_graphs import plan_decode_graphs
 from llmserve.detokenizer import IncrementalDetokenizer
 from llmserve.model_loader import load_hf_config, load_state_dict, load_tokenizer, resolve_model
-from llmserve.model_runner import ModelRunner, StepResult, kv_cache_bytes_per_block
+from llmserve.model_runner import ModelRunner, StepResult, check_kv_cache_dtype, kv_cache_bytes_per_block
 from llmserve.models import check_supported
 from llmserve.models.llama import LlamaArch
 from llmserve.outputs import RequestOutput, TokenLogprob
@@ -64,13 +64,15 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer, files.path)
 
         cc = config.cache
-        per_block = kv_cache_bytes_per_block(arch, cc.block_size, self.dtype)
+        check_kv_cache_dtype(cc.kv_cache_dtype, self.device, mc.attention_backend)  # before the weights load
+        per_block = kv_cache_bytes_per_block(arch, cc.block_size, self.dtype, cc.kv_cache_dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
         self.max_model_len = _max_model_len(mc.max_model_len, hf_config, arch, num_blocks * cc.block_size)
         logger.info(
-            "model %s (%s, %s on %s): %d KV blocks of %d tokens (%.2f GB), context %d",
+            "model %s (%s, %s on %s): %d KV blocks of %d tokens (%.2f GB, %s), context %d",
             files.name, arch.architecture, self.dtype, self.device, num_blocks, cc.block_size,
-            num_blocks * per_block / 2**30, self.max_model_len,
+            num_blocks * per_block / 2**30, "int8" if cc.kv_cache_dtype == "int8" else "model dtype",
+            self.max_model_len,
         )  # fmt: skip
         graph_plan = plan_decode_graphs(
             device=self.device, enforce_eager=mc.enforce_eager, max_num_seqs=config.scheduler.max_num_seqs,
@@ -80,7 +82,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             hf_config, load_state_dict(files), dtype=self.dtype, device=self.device,
             block_size=cc.block_size, num_blocks=num_blocks, attention_backend=mc.attention_backend,
-            quantization=mc.quantization, graph_plan=graph_plan,
+            quantization=mc.quantization, graph_plan=graph_plan, kv_cache_dtype=cc.kv_cache_dtype,
         )  # fmt: skip
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)

@@ -32,7 +32,7 @@ from llmserve.models.mkl_linear import MklPackedLinear, can_pack_fp32, pack_fp32
 from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
-from llmserve_kernels import decode_mask, gather_index
+from llmserve_kernels import KV_SCALE_BYTES, decode_mask, gather_index
 
 DECODE_GROUPS = 4  # most batched attention calls for the one-token seqs of a step
 MIN_DECODE_GROUP = 8  # fewer rows than this per group is not worth a separate call
@@ -53,10 +53,30 @@ class StepResult:
     prompt_logits: dict[tuple[str, int], PromptLogits] = field(default_factory=dict)
 
 
-def kv_cache_bytes_per_block(arch: LlamaArch, block_size: int, dtype: torch.dtype) -> int:
-    # K and V, every layer: 2 * L * bs * Hkv * D elements
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+def kv_cache_row(arch: LlamaArch, kv_cache_dtype: str, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of one cache row, one token of one KV head: D of the model dtype, or for
+    the int8 cache D codes and a float32 scale's 4 bytes (kernels/csrc/kv_int8.h)."""
+    if kv_cache_dtype == "int8":
+        return arch.head_dim + KV_SCALE_BYTES, torch.int8
+    return arch.head_dim, dtype
+
+
+def kv_cache_bytes_per_block(arch: LlamaArch, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    # K and V, every layer: 2 * L * bs * Hkv rows
+    row, row_dtype = kv_cache_row(arch, kv_cache_dtype, dtype)
+    elem = torch.empty((), dtype=row_dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * row * elem
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device, attention_backend: str) -> None:
+    """The int8 cache has CPU readers only: the C++ kernels and the torch reference."""
+    if kv_cache_dtype != "int8":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype 'int8' runs on the CPU only, not on {device}")
+    if attention_backend == "triton":
+        raise ValueError("kv_cache_dtype 'int8' needs attention_backend auto, cpp or torch; the Triton kernels "
+                         "read a model-dtype cache")
 
 
 class ModelRunner:
@@ -72,8 +92,10 @@ class ModelRunner:
         attention_backend: str = "auto",
         quantization: str | None = None,
         graph_plan: cuda_graphs.GraphPlan | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        check_kv_cache_dtype(kv_cache_dtype, device, attention_backend)
         # Checked before the weights load, so an unusable method fails in seconds.
         quantizer = get_quantizer(quantization, device, dtype) if quantization else None
         self.model = build_model(hf_config, dtype, device)
@@ -101,9 +123,10 @@ class ModelRunner:
         # num_blocks, which the block manager never hands out.
         graph_plan = cuda_graphs.usable_plan(graph_plan, self.decode_kernel)
         extra = 0 if graph_plan is None else 1
-        shape = (num_blocks + extra, self.arch.num_kv_heads, block_size, self.arch.head_dim)
+        row, row_dtype = kv_cache_row(self.arch, kv_cache_dtype, dtype)
+        shape = (num_blocks + extra, self.arch.num_kv_heads, block_size, row)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=row_dtype, device=device), torch.zeros(shape, dtype=row_dtype, device=device))
             for _ in range(self.arch.num_layers)
         ]
         if device.type == "cpu" and attention_backend != "torch":

@@ -60,6 +60,7 @@ BOUNDS = {
     "bnb-8bit": Bounds(min_top1=0.80, max_gap=0.05, prefix=4, min_prompts=3),
     "bnb-4bit": Bounds(min_top1=0.65, max_gap=0.40, prefix=1, min_prompts=3),
     "w8a8": Bounds(min_top1=0.90, max_gap=0.08, prefix=5, min_prompts=3),  # against bf16: tests/test_w8a8.py
+    "kv-int8": Bounds(min_top1=0.95, max_gap=0.03, prefix=8, min_prompts=4),  # the KV cache: tests/test_kv_int8.py
 }
 
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kv_int8.h"
+
 static inline float to_f32(float x) { return x; }
 static inline float to_f32(c10::Half x) { return static_cast<float>(x); }
 static inline float to_f32(c10::BFloat16 x) {
@@ -20,6 +22,11 @@ static inline float to_f32(c10::BFloat16 x) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+// 16 int8 codes as float32 lanes (not scaled).
+static inline __m512 load_f32x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 // 16 consecutive values as float32 lanes.
 static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }

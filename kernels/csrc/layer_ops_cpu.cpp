@@ -17,6 +17,7 @@
 // allows its reassociation (and so vectorisation) and nothing else.
 #include <torch/extension.h>
 #include "kernel_abi.h"
+#include "kv_int8.h"
 #include "nucleus.h"
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -131,20 +132,36 @@ inline void rope_head(const T* x_in, const T* c, const T* s, T* out, int64_t hal
   }
 }
 
+// The int8 cache (kv_int8.h): k rotated and rounded to T as above, then both rows quantized.
+template <typename T>
+inline void write_int8_rows(const T* k_in, const T* v_in, const T* c, const T* s, int64_t d, int8_t* k_row,
+                            int8_t* v_row, T* k_tmp /* [d] */, float* f /* [d] */) {
+  rope_head(k_in, c, s, k_tmp, d / 2);
+  for (int64_t i = 0; i < d; ++i) f[i] = to_f32(k_tmp[i]);
+  kv_quantize_row(f, d, k_row);
+  for (int64_t i = 0; i < d; ++i) f[i] = to_f32(v_in[i]);
+  kv_quantize_row(f, d, v_row);
+}
+
 template <typename T>
 void rope_write_kv_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& slots, torch::Tensor& k_cache, torch::Tensor& v_cache,
                         torch::Tensor& q_out, int64_t num_heads, int64_t num_kv_heads) {
   const int64_t rows = qkv.size(0), row_stride = qkv.stride(0);
   const int64_t d = cos.size(1), half = d / 2, block_size = k_cache.size(2);
+  const bool quant = k_cache.scalar_type() == torch::kChar;
+  const int64_t cache_row = k_cache.size(3);  // d, or d codes + the scale's bytes
   const T* base = qkv.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t elem = static_cast<int64_t>(k_cache.element_size());
   T* qo = q_out.data_ptr<T>();
   at::parallel_for(0, rows, kRowGrain, [&, d, half](int64_t begin, int64_t end) {
+    std::vector<T> k_tmp(quant ? d : 0);
+    std::vector<float> f(quant ? d : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = base + r * row_stride;
       const T* c = cp + r * d;
@@ -152,9 +169,16 @@ void rope_write_kv_impl(const torch::Tensor& qkv, const torch::Tensor& cos, cons
       for (int64_t h = 0; h < num_heads; ++h) rope_head(row + h * d, c, s, qo + (r * num_heads + h) * d, half);
       const int64_t block = slot[r] / block_size, offset = slot[r] % block_size;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const int64_t dst = ((block * num_kv_heads + h) * block_size + offset) * d;
-        rope_head(row + (num_heads + h) * d, c, s, kc + dst, half);
-        std::memcpy(vc + dst, row + (num_heads + num_kv_heads + h) * d, d * sizeof(T));
+        const int64_t dst = (((block * num_kv_heads + h) * block_size + offset) * cache_row) * elem;  // bytes
+        const T* k_in = row + (num_heads + h) * d;
+        const T* v_in = row + (num_heads + num_kv_heads + h) * d;
+        if (quant) {
+          write_int8_rows(k_in, v_in, c, s, d, reinterpret_cast<int8_t*>(kc + dst),
+                          reinterpret_cast<int8_t*>(vc + dst), k_tmp.data(), f.data());
+          continue;
+        }
+        rope_head(k_in, c, s, reinterpret_cast<T*>(kc + dst), half);
+        std::memcpy(vc + dst, v_in, d * sizeof(T));
       }
     }
   });
@@ -308,7 +332,13 @@ torch::Tensor rope_write_kv(const torch::Tensor& qkv, const torch::Tensor& cos, 
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.size(0) == qkv.size(0));
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * cos.size(1), "qkv width");
-  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && qkv.scalar_type() == k_cache.scalar_type());
+  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k_cache.sizes() == v_cache.sizes());
+  if (k_cache.scalar_type() == torch::kChar) {  // the int8 cache: d codes and a float32 scale a row
+    TORCH_CHECK(k_cache.size(3) == cos.size(1) + kKvScaleBytes, "int8 cache rows are head_dim + 4 bytes");
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && k_cache.size(3) == cos.size(1));
+  }
   auto q = torch::empty({qkv.size(0), num_heads, cos.size(1)}, qkv.options());
   DISPATCH(qkv.scalar_type(), rope_write_kv_impl, qkv, cos, sin, slots, k_cache, v_cache, q, num_heads,
            num_kv_heads);

@@ -7,9 +7,14 @@
 // memory bandwidth: at SmolLM2-135M sizes (3 KV heads x 64 dims, bf16) a 64-sequence batch
 // with 450-token contexts reads 22 MB of K/V per layer.
 //
-// Layout: cache [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] (int64);
-// context_lens [B] (int64); q [B, H, D]; out [B, H, D]. One task per (sequence, KV head):
-// its g = H / Hkv query heads share every K/V row they read.
+// Layout: cache [num_blocks, Hkv, block_size, D] of q's dtype, or [num_blocks, Hkv, block_size, D + 4]
+// int8 (the int8 KV cache: D codes and a float32 scale a row, cpu_vec.h); block_tables
+// [B, max_blocks] (int64); context_lens [B] (int64); q [B, H, D]; out [B, H, D]. One task per
+// (sequence, KV head): its g = H / Hkv query heads share every K/V row they read.
+//
+// The int8 cache halves the bytes this kernel reads (64 + 4 against 128 a row at D = 64), and the
+// kernel is bound by them. Its scales are applied outside the inner products: to each block's 16
+// scores (K) and to each softmax weight (V), so the codes are only widened, never multiplied.
 #include <torch/extension.h>
 #include "kernel_abi.h"
 #include <ATen/Parallel.h>
@@ -105,26 +110,33 @@ static inline void softmax16(float* s, int64_t len) {
 // 64 sequences x 126 tokens, 30 layers of bf16 (186 MB; 2026-12-03, best of 5): T0 two blocks
 // ahead (before) 16.4-17.2 ms = 11 GB/s; T1 three or four ahead 11.0-11.5 ms = 17 GB/s; T2 as T1;
 // NTA as T0. At 40 and 400 tokens likewise 5.0 -> 3.3 and 50.9 -> 37.7 ms.
-constexpr int64_t kPrefetchBlocks = 4;
+constexpr int64_t kPrefetchBlocks = 4;  // blocks of bf16 rows; int8 rows (68 B at D = 64): twice as many
 
-// The block_size x D rows of KV head `kvh` in pool block `block` ([num_blocks, Hkv, block_size, D]).
-template <typename T, int D>
-static inline void prefetch_block(const T* cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
+// Blocks to prefetch ahead: the same distance in bytes whatever the cache dtype. Measured with the
+// int8 cache at 126 tokens (2026-12-03): 4 blocks 8.8-9.2 ms, 8 blocks 8.4-8.5 ms.
+template <typename KV>
+constexpr int64_t prefetch_blocks() {
+  return sizeof(KV) == 1 ? 2 * kPrefetchBlocks : kPrefetchBlocks;
+}
+
+// The block_size x RS rows of KV head `kvh` in pool block `block` ([num_blocks, Hkv, block_size, RS]).
+template <typename KV, int64_t RS>
+static inline void prefetch_block(const KV* cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
                                   int64_t block_size) {
-  const char* p = reinterpret_cast<const char*>(cache + (block * num_kv_heads + kvh) * block_size * D);
-  for (int64_t off = 0; off < block_size * D * static_cast<int64_t>(sizeof(T)); off += 64)
+  const char* p = reinterpret_cast<const char*>(cache + (block * num_kv_heads + kvh) * block_size * RS);
+  for (int64_t off = 0; off < block_size * RS * static_cast<int64_t>(sizeof(KV)); off += 64)
     _mm_prefetch(p + off, _MM_HINT_T1);
 }
 
 // The first `blocks` pool blocks of sequence `table`, every KV head, K and V: what a thread asks
 // for while it still works on the sequence before (see kLookaheadBlocks).
-template <typename T, int D>
-static inline void prefetch_sequence(const T* k_cache, const T* v_cache, const int64_t* table, int64_t blocks,
+template <typename KV, int64_t RS>
+static inline void prefetch_sequence(const KV* k_cache, const KV* v_cache, const int64_t* table, int64_t blocks,
                                      int64_t num_kv_heads, int64_t block_size) {
-  const int64_t bytes = num_kv_heads * block_size * D * static_cast<int64_t>(sizeof(T));  // a block, all heads
+  const int64_t bytes = num_kv_heads * block_size * RS * static_cast<int64_t>(sizeof(KV));  // a block, all heads
   for (int64_t i = 0; i < blocks; ++i) {
-    const char* k = reinterpret_cast<const char*>(k_cache + table[i] * num_kv_heads * block_size * D);
-    const char* v = reinterpret_cast<const char*>(v_cache + table[i] * num_kv_heads * block_size * D);
+    const char* k = reinterpret_cast<const char*>(k_cache + table[i] * num_kv_heads * block_size * RS);
+    const char* v = reinterpret_cast<const char*>(v_cache + table[i] * num_kv_heads * block_size * RS);
     for (int64_t off = 0; off < bytes; off += 64) {
       _mm_prefetch(k + off, _MM_HINT_T1);
       _mm_prefetch(v + off, _MM_HINT_T1);
@@ -137,18 +149,24 @@ static inline void prefetch_sequence(const T* k_cache, const T* v_cache, const i
 // longer demand misses. Measured on the Zen 4 core pair, 64 sequences x 30 layers, bf16, best of
 // 5 (2026-12-03): 126 tokens 10.2-10.7 -> 8.5 ms (4 blocks ahead: 9.0-9.6, 16: 8.4); 400 tokens
 // 35.8 -> 34.0 ms.
-constexpr int64_t kLookaheadBlocks = 8;
+constexpr int64_t kLookaheadBlocks = 8;  // bf16 blocks; int8: twice as many (prefetch_blocks)
 
 // scores[j * len + t0 + i] = qf_j . k_i for the block's n <= 16 rows, every head j of the group.
-// float32 rows are read in place; other dtypes are widened once into `kf` for all g heads.
-template <typename T, int D>
-static inline void qk_block(const float* qf, int64_t group, const T* k_block, int64_t n, float* scores,
+// float32 rows are read in place; other dtypes are widened once into `kf` for all g heads; int8
+// codes too, and their row scales then multiply the 16 sums at once.
+template <typename KV, int D>
+static inline void qk_block(const float* qf, int64_t group, const KV* k_block, int64_t n, float* scores,
                             int64_t len, int64_t t0, float* kf /* [16 * D] scratch */) {
   constexpr int C = D / 16;
+  constexpr bool kQuant = std::is_same_v<KV, int8_t>;
+  constexpr int64_t RS = kQuant ? D + kKvScaleBytes : D;
   const float* rows = reinterpret_cast<const float*>(k_block);
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(kf + i * D + c * 16, load_f32x16(k_block + i * D + c * 16));
+  alignas(64) float row_scale[16] = {};
+  if constexpr (!std::is_same_v<KV, float>) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(kf + i * D + c * 16, load_f32x16(k_block + i * RS + c * 16));
+      if constexpr (kQuant) row_scale[i] = kv_row_scale(k_block + i * RS, D);
+    }
     rows = kf;
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
@@ -162,7 +180,9 @@ static inline void qk_block(const float* qf, int64_t group, const T* k_block, in
         for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(rows + i * D + c * 16), acc);
       part[i] = acc;
     }
-    _mm512_mask_storeu_ps(scores + j * len + t0, mask, reduce16(part));
+    __m512 sums = reduce16(part);
+    if constexpr (kQuant) sums = _mm512_mul_ps(sums, _mm512_load_ps(row_scale));
+    _mm512_mask_storeu_ps(scores + j * len + t0, mask, sums);
   }
 }
 
@@ -190,30 +210,65 @@ static inline void qk_block_bf16(const __m512bh* qb, int64_t group, const c10::B
     _mm512_mask_storeu_ps(scores + j * len + t0, mask, _mm512_mul_ps(reduce16(part), vscale));
   }
 }
+
+// The int8 cache with AVX512-BF16: each K row's codes are converted to bf16 once (exact: |code| <= 127
+// fits bf16's 8 bits of precision) into `kb`, then `vdpbf16ps` against the bf16 q as above, and the
+// row scales (times the softmax scale) multiply the 16 sums. Why: widening the codes to fp32 and
+// doing fp32 FMAs made the int8 cache slower than bf16 here (compute-bound, 10-12 ms at 126 tokens
+// against bf16's 10.7), though it reads ~half the bytes.
+template <int D>
+static inline void qk_block_i8_bf16(const __m512bh* qb, int64_t group, const int8_t* k_block, int64_t n,
+                                    float* scores, int64_t len, int64_t t0, float scale, __m512bh* kb) {
+  constexpr int C2 = D / 32;
+  constexpr int64_t RS = D + kKvScaleBytes;
+  alignas(64) float row_scale[16] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const int8_t* r = k_block + i * RS;
+    for (int c = 0; c < C2; ++c)  // [lo 16 | hi 16]: the row's 32 values in order, as q's bf16 are
+      kb[i * C2 + c] = _mm512_cvtne2ps_pbh(load_f32x16(r + c * 32 + 16), load_f32x16(r + c * 32));
+    row_scale[i] = kv_row_scale(r, D) * scale;
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 scales = _mm512_load_ps(row_scale);
+  for (int64_t j = 0; j < group; ++j) {
+    __m512 part[16];
+    for (int i = 0; i < 16; ++i) {
+      __m512 acc = _mm512_setzero_ps();
+      if (i < n)
+        for (int c = 0; c < C2; ++c) acc = _mm512_dpbf16_ps(acc, qb[j * C2 + c], kb[i * C2 + c]);
+      part[i] = acc;
+    }
+    _mm512_mask_storeu_ps(scores + j * len + t0, mask, _mm512_mul_ps(reduce16(part), scales));
+  }
+}
 #endif
 
 // out_j = sum_t p[j][t] * v_t for heads j0 .. j0 + HP - 1, over the whole context. The HP x D fp32
 // accumulators stay in registers (HP * D / 16 <= 16 zmm) and each V row is widened once into
 // registers and used by all HP heads: ~1.5 instructions per multiply-add instead of the ~3 of a
 // widen-to-memory pass plus accumulators loaded and stored per block.
-template <typename T, int D, int HP>
-static inline void pv_heads(const float* scores, int64_t j0, const T* v_cache, const int64_t* table,
+template <typename KV, int D, int HP>
+static inline void pv_heads(const float* scores, int64_t j0, const KV* v_cache, const int64_t* table,
                             int64_t num_kv_heads, int64_t kvh, int64_t block_size, int64_t len, float* acc) {
   constexpr int C = D / 16;
+  constexpr bool kQuant = std::is_same_v<KV, int8_t>;
+  constexpr int64_t RS = kQuant ? D + kKvScaleBytes : D;
   __m512 a[HP][C];
   for (int h = 0; h < HP; ++h)
     for (int c = 0; c < C; ++c) a[h][c] = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
     const int64_t blk = t0 / block_size;
-    const T* v_block = v_cache + (table[blk] * num_kv_heads + kvh) * block_size * D;
-    if (t0 + kPrefetchBlocks * block_size < len)
-      prefetch_block<T, D>(v_cache, table[blk + kPrefetchBlocks], num_kv_heads, kvh, block_size);
+    const KV* v_block = v_cache + (table[blk] * num_kv_heads + kvh) * block_size * RS;
+    if (t0 + prefetch_blocks<KV>() * block_size < len)
+      prefetch_block<KV, RS>(v_cache, table[blk + prefetch_blocks<KV>()], num_kv_heads, kvh, block_size);
     const int64_t n = std::min(block_size, len - t0);
     for (int64_t i = 0; i < n; ++i) {
       __m512 v[C];
-      for (int c = 0; c < C; ++c) v[c] = load_f32x16(v_block + i * D + c * 16);
+      for (int c = 0; c < C; ++c) v[c] = load_f32x16(v_block + i * RS + c * 16);
+      float row_scale = 1.f;  // p * (code * s) as (p * s) * code: one multiply a row, not D
+      if constexpr (kQuant) row_scale = kv_row_scale(v_block + i * RS, D);
       for (int h = 0; h < HP; ++h) {
-        const __m512 p = _mm512_set1_ps(scores[(j0 + h) * len + t0 + i]);
+        const __m512 p = _mm512_set1_ps(scores[(j0 + h) * len + t0 + i] * row_scale);
         for (int c = 0; c < C; ++c) a[h][c] = _mm512_fmadd_ps(p, v[c], a[h][c]);
       }
     }
@@ -241,18 +296,36 @@ static inline void pv_all(const float* scores, int64_t group, const T* v_cache, 
 #define LLMSERVE_AVX512 1
 #endif
 
+// Row i of a block as float32 values into row[0 .. D): widened, and for int8 codes scaled.
+template <typename KV, int D>
+static inline void widen_row(const KV* block, int64_t i, float* row) {
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    const int8_t* r = block + i * (D + kKvScaleBytes);
+    const float s = kv_row_scale(r, D);
+#pragma omp simd
+    for (int d = 0; d < D; ++d) row[d] = static_cast<float>(r[d]) * s;
+  } else {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) row[d] = to_f32(block[i * D + d]);
+  }
+}
+
+// Elements of one cache row: D, or D codes and the 4 bytes of their scale.
+template <typename KV, int D>
+constexpr int64_t row_stride() {
+  return std::is_same_v<KV, int8_t> ? D + kKvScaleBytes : D;
+}
+
 // The plain loops' P.V (double, head sizes not a multiple of 16, builds without AVX-512).
-template <typename T, int D>
-static void plain_pv(const float* scores, int64_t group, const T* v_cache, const int64_t* table, int64_t num_kv_heads,
+template <typename KV, int D>
+static void plain_pv(const float* scores, int64_t group, const KV* v_cache, const int64_t* table, int64_t num_kv_heads,
                      int64_t kvh, int64_t block_size, int64_t len, float* acc, float* row /* [D] scratch */) {
   std::fill(acc, acc + group * D, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-    const T* v_block = v_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
+    const KV* v_block = v_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * row_stride<KV, D>();
     const int64_t n = std::min(block_size, len - t0);
     for (int64_t i = 0; i < n; ++i) {
-      const T* v = v_block + i * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) row[d] = to_f32(v[d]);
+      widen_row<KV, D>(v_block, i, row);
       for (int64_t j = 0; j < group; ++j) {
         const float p = scores[j * len + t0 + i];
         float* aj = acc + j * D;
@@ -263,17 +336,20 @@ static void plain_pv(const float* scores, int64_t group, const T* v_cache, const
   }
 }
 
-// D is a template parameter so the per-row loops are fixed-length and fully vectorised.
-template <typename T, int D>
-static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+// D is a template parameter so the per-row loops are fixed-length and fully vectorised. KV is the
+// cache's element type: T, or int8_t for the int8 cache.
+template <typename T, typename KV, int D>
+static void decode_kernel(const T* q, const KV* k_cache, const KV* v_cache, const int64_t* tables,
                           const int64_t* lens, T* out, int64_t batch, int64_t num_heads,
                           int64_t num_kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
+  constexpr int64_t RS = row_stride<KV, D>();
 #if defined(LLMSERVE_AVX512)
   // The vector paths; double (and head sizes that are not a multiple of 16) take the plain loops.
   constexpr bool kVector = LLMSERVE_BLOCKED && D % 16 == 0 && !std::is_same_v<T, double>;
 #if defined(__AVX512BF16__)
-  constexpr bool kDpbf16 = kVector && std::is_same_v<T, c10::BFloat16> && D % 32 == 0;  // QK from raw bf16 q
+  // QK from the raw bf16 q, against a bf16 cache or int8 codes converted to bf16.
+  constexpr bool kDpbf16 = kVector && std::is_same_v<T, c10::BFloat16> && D % 32 == 0;
 #else
   constexpr bool kDpbf16 = false;
 #endif
@@ -291,6 +367,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
     [[maybe_unused]] std::vector<float> scratch(16 * D);
 #if defined(LLMSERVE_AVX512) && defined(__AVX512BF16__)
     std::vector<__m512bh> qb(std::max<int64_t>(1, group * D / 32));  // q rows as 32 bf16 a vector
+    [[maybe_unused]] std::vector<__m512bh> kb(std::max<int64_t>(1, 16 * D / 32));  // int8 K rows as bf16
 #endif
     [[maybe_unused]] alignas(64) float row[D];
     const auto run = [&](int64_t b, int64_t kvh) {
@@ -305,9 +382,9 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         // without it (and with the thread's first sequence prefetched at claim instead) the
         // 126-token case measured 15.9 against 11.0 ms, as if most of the lookahead's burst of
         // ~1,500 prefetches were dropped once the miss queue is full.
-        for (int64_t i = 0; i < std::min<int64_t>(kPrefetchBlocks, (len + block_size - 1) / block_size); ++i) {
-          prefetch_block<T, D>(k_cache, table[i], num_kv_heads, kvh, block_size);
-          prefetch_block<T, D>(v_cache, table[i], num_kv_heads, kvh, block_size);
+        for (int64_t i = 0; i < std::min<int64_t>(prefetch_blocks<KV>(), (len + block_size - 1) / block_size); ++i) {
+          prefetch_block<KV, RS>(k_cache, table[i], num_kv_heads, kvh, block_size);
+          prefetch_block<KV, RS>(v_cache, table[i], num_kv_heads, kvh, block_size);
         }
       }
 #endif
@@ -322,28 +399,31 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       // pass 1: scores[j][t] = q_j . k_t, each K row read once for all g query heads
       // Walk block by block: no integer division per token, and each block is one contiguous run.
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* k_block = k_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * D;
+        const KV* k_block = k_cache + (table[t0 / block_size] * num_kv_heads + kvh) * block_size * RS;
         const int64_t n = std::min(block_size, len - t0);
 #if defined(LLMSERVE_AVX512)
         if constexpr (kVector) {
-          if (t0 + kPrefetchBlocks * block_size < len)
-            prefetch_block<T, D>(k_cache, table[t0 / block_size + kPrefetchBlocks], num_kv_heads, kvh, block_size);
+          if (t0 + prefetch_blocks<KV>() * block_size < len)
+            prefetch_block<KV, RS>(k_cache, table[t0 / block_size + prefetch_blocks<KV>()], num_kv_heads, kvh,
+                                   block_size);
           for (int64_t s0 = 0; s0 < n; s0 += 16) {  // blocks of 32 and more: 16 rows at a time
             const int64_t rows = std::min<int64_t>(16, n - s0);
 #if defined(__AVX512BF16__)
-            if constexpr (kDpbf16)
-              qk_block_bf16<D>(qb.data(), group, k_block + s0 * D, rows, scores.data(), len, t0 + s0, scale);
+            if constexpr (kDpbf16 && std::is_same_v<KV, int8_t>)
+              qk_block_i8_bf16<D>(qb.data(), group, k_block + s0 * RS, rows, scores.data(), len, t0 + s0, scale,
+                                  kb.data());
+            else if constexpr (kDpbf16)
+              qk_block_bf16<D>(qb.data(), group, reinterpret_cast<const T*>(k_block) + s0 * D, rows, scores.data(),
+                               len, t0 + s0, scale);
             else
 #endif
-              qk_block<T, D>(qf.data(), group, k_block + s0 * D, rows, scores.data(), len, t0 + s0, scratch.data());
+              qk_block<KV, D>(qf.data(), group, k_block + s0 * RS, rows, scores.data(), len, t0 + s0, scratch.data());
           }
           continue;
         }
 #endif
         for (int64_t i = 0; i < n; ++i) {
-          const T* k = k_block + i * D;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) row[d] = to_f32(k[d]);
+          widen_row<KV, D>(k_block, i, row);
           for (int64_t j = 0; j < group; ++j) {
             const float* qj = qf.data() + j * D;
             float s = 0.f;
@@ -378,10 +458,10 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       // pass 3: out_j = sum_t p[j][t] * v_t, each V row read once
 #if defined(LLMSERVE_AVX512)
       if constexpr (kVector)
-        pv_all<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data());
+        pv_all<KV, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data());
       else
 #endif
-        plain_pv<T, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data(), row);
+        plain_pv<KV, D>(scores.data(), group, v_cache, table, num_kv_heads, kvh, block_size, len, acc.data(), row);
       T* out_rows = out + (b * num_heads + kvh * group) * D;
       for (int64_t i = 0; i < group * D; ++i) out_rows[i] = static_cast<T>(acc[i]);
     };
@@ -393,8 +473,9 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
 #if defined(LLMSERVE_AVX512)
       if constexpr (kVector)
         if (ahead < batch)
-          prefetch_sequence<T, D>(k_cache, v_cache, tables + ahead * max_blocks,
-                                  std::min(kLookaheadBlocks, (lens[ahead] + block_size - 1) / block_size),
+          prefetch_sequence<KV, RS>(k_cache, v_cache, tables + ahead * max_blocks,
+                                  std::min(kLookaheadBlocks * prefetch_blocks<KV>() / kPrefetchBlocks,
+                                           (lens[ahead] + block_size - 1) / block_size),
                                   num_kv_heads, block_size);
 #endif
       for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) run(b, kvh);
@@ -403,20 +484,23 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
   }
 }
 
-template <typename T>
-static void dispatch_head_dim(int64_t head_dim, const T* q, const T* k, const T* v, const int64_t* tables,
+template <typename T, typename KV>
+static void dispatch_head_dim(int64_t head_dim, const T* q, const KV* k, const KV* v, const int64_t* tables,
                               const int64_t* lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
                               int64_t block_size, int64_t max_blocks, float scale) {
+#define LLMSERVE_DECODE_CASE(d) \
+  case d: return decode_kernel<T, KV, d>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
   switch (head_dim) {
-    case 16: return decode_kernel<T, 16>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 32: return decode_kernel<T, 32>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 80: return decode_kernel<T, 80>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 64: return decode_kernel<T, 64>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 128: return decode_kernel<T, 128>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 96: return decode_kernel<T, 96>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
-    case 256: return decode_kernel<T, 256>(q, k, v, tables, lens, out, batch, heads, kv_heads, block_size, max_blocks, scale);
+    LLMSERVE_DECODE_CASE(16)
+    LLMSERVE_DECODE_CASE(32)
+    LLMSERVE_DECODE_CASE(64)
+    LLMSERVE_DECODE_CASE(80)
+    LLMSERVE_DECODE_CASE(96)
+    LLMSERVE_DECODE_CASE(128)
+    LLMSERVE_DECODE_CASE(256)
     default: TORCH_CHECK(false, "head_dim ", head_dim, " not compiled in (16, 32, 64, 80, 96, 128, 256)");
   }
+#undef LLMSERVE_DECODE_CASE
 }
 
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -425,13 +509,33 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   TORCH_CHECK(block_tables.is_contiguous() && block_tables.scalar_type() == at::kLong, "block_tables: contiguous int64");
   TORCH_CHECK(context_lens.scalar_type() == at::kLong, "context_lens must be int64");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B, H, D], cache [blocks, Hkv, bs, D]");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "k_cache and v_cache must match");
+  const bool quant = k_cache.scalar_type() == at::kChar;
+  const int64_t head_dim = q.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim + (quant ? kKvScaleBytes : 0),
+              quant ? "an int8 cache row is head_dim codes + 4 scale bytes" : "cache head_dim must match q's");
+  TORCH_CHECK(quant || k_cache.scalar_type() == q.scalar_type(), "q and the cache must share a dtype (or int8 cache)");
   auto out = torch::empty_like(q);
   const auto lens = context_lens.contiguous();
+  const auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
+    dispatch_head_dim(head_dim, qp, kp, vp, block_tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op,
+                      q.size(0), q.size(1), k_cache.size(1), k_cache.size(2), block_tables.size(1),
+                      static_cast<float>(scale));
+  };
+  if (quant) {
+    const auto* k = k_cache.data_ptr<int8_t>();
+    const auto* v = v_cache.data_ptr<int8_t>();
+    switch (q.scalar_type()) {
+      case at::kFloat: run(q.data_ptr<float>(), k, v, out.data_ptr<float>()); break;
+      case at::kBFloat16: run(q.data_ptr<c10::BFloat16>(), k, v, out.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: run(q.data_ptr<c10::Half>(), k, v, out.data_ptr<c10::Half>()); break;
+      default: TORCH_CHECK(false, "the int8 cache takes float32, bfloat16 or float16 queries, got ", q.scalar_type());
+    }
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_decode", [&] {
-    dispatch_head_dim<scalar_t>(q.size(2), q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int64_t>(),
-                                lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), q.size(0), q.size(1),
-                                k_cache.size(1), k_cache.size(2), block_tables.size(1), static_cast<float>(scale));
+    run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
   return out;
 }

@@ -51,6 +51,10 @@
 //    the softmax ~25%; 1.8x the FMA path on bf16. Linux grants AMX per process (arch_prctl); where
 //    it is refused, the FMA path runs.
 //
+// The int8 KV cache ([num_blocks, Hkv, block_size, D + 4], kv_int8.h) is read by the FMA and portable
+// paths: each key and value row is dequantized (code * its row's scale, in fp32) where the bf16
+// ones are widened. Prefill is compute-bound, so the halved bytes matter less here than in decode.
+//
 // Without AVX-512 (or with -DLLMSERVE_PREFILL_VECTOR=0) the portable loops below run instead: per
 // query token, the scores of its g heads, a plain softmax and PV (as the decode kernel's loops).
 // Every path can be called by name (`paged_attention_prefill_varlen_path`) so the tests check all.
@@ -117,7 +121,25 @@ struct Args {
   const int64_t* starts;  // [S] position of each chunk's first query
   const int64_t* row0;    // [S] its first row in q / out
   float scale;
+  // The int8 cache instead of k_cache / v_cache (which are then null): [blocks * Hkv * bs, D + 4] rows.
+  const int8_t* k_q = nullptr;
+  const int8_t* v_q = nullptr;
 };
+
+// Cache row `r` (of the [blocks * Hkv * bs, row] view) as D float32 values: widened, or dequantized
+// from the int8 cache when `codes` is given.
+template <typename T, int D>
+static inline void widen_cache_row(const T* cache, const int8_t* codes, int64_t r, float* out) {
+  if (codes) {
+    const int8_t* c = codes + r * (D + kKvScaleBytes);
+    const float s = kv_row_scale(c, D);
+#pragma omp simd
+    for (int d = 0; d < D; ++d) out[d] = static_cast<float>(c[d]) * s;
+    return;
+  }
+#pragma omp simd
+  for (int d = 0; d < D; ++d) out[d] = to_f32(cache[r * D + d]);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Portable loops: one query token at a time, its g heads together (each K/V row widened once).
@@ -135,11 +157,10 @@ static void scalar_task(const Args<T>& a, const Task& task, std::vector<float>& 
     }
     scores.resize(g * len);
     for (int64_t t0 = 0; t0 < len; t0 += bs) {
-      const T* k_block = a.k_cache + (table[t0 / bs] * a.num_kv_heads + kvh) * bs * D;
+      const int64_t first = (table[t0 / bs] * a.num_kv_heads + kvh) * bs;  // the block's first cache row
       const int64_t n = std::min(bs, len - t0);
       for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-        for (int d = 0; d < D; ++d) row[d] = to_f32(k_block[i * D + d]);
+        widen_cache_row<T, D>(a.k_cache, a.k_q, first + i, row);
         for (int64_t j = 0; j < g; ++j) {
           const float* qj = qf.data() + j * D;
           float s = 0.f;
@@ -163,11 +184,10 @@ static void scalar_task(const Args<T>& a, const Task& task, std::vector<float>& 
     }
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t t0 = 0; t0 < len; t0 += bs) {
-      const T* v_block = a.v_cache + (table[t0 / bs] * a.num_kv_heads + kvh) * bs * D;
+      const int64_t first = (table[t0 / bs] * a.num_kv_heads + kvh) * bs;
       const int64_t n = std::min(bs, len - t0);
       for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-        for (int d = 0; d < D; ++d) row[d] = to_f32(v_block[i * D + d]);
+        widen_cache_row<T, D>(a.v_cache, a.v_q, first + i, row);
         for (int64_t j = 0; j < g; ++j) {
           const float p = scores[j * len + t0 + i];
           float* aj = acc.data() + j * D;
@@ -458,7 +478,9 @@ static void vector_task(const Args<T>& a, const Task& task, Scratch& sc, bool am
   constexpr bool kAmxable = false;
 #endif
   if constexpr (!kAmxable) amx = false;
-  constexpr bool kDirect = std::is_same_v<T, float>;  // FMA path: K/V rows read in place as fp32
+  const bool quant = a.k_q != nullptr;  // the int8 cache: dequantized into L1 on the FMA path
+  if (quant) amx = false;
+  const bool direct = std::is_same_v<T, float> && !quant;  // FMA path: K/V rows read in place as fp32
   const int64_t g = a.group, kvh = task.kv_head, bs = a.block_size;
   const int64_t start = a.starts[task.seq], row0 = a.row0[task.seq];
   const int64_t t0 = task.t0, t1 = task.t1;
@@ -541,10 +563,23 @@ static void vector_task(const Args<T>& a, const Task& task, Scratch& sc, bool am
         qk_amx<D>(reinterpret_cast<const uint32_t*>(qt), R, keys, n, sc.stage.data(), st);
       }
 #endif
-    } else if constexpr (kDirect) {  // fp32 rows read in place, one page's run at a time
+    } else if (direct) {  // fp32 rows read in place, one page's run at a time
       for_each_page([&](int64_t i, int64_t count, int64_t row) {
         qk_f32_all<D>(qt, R, reinterpret_cast<const float*>(a.k_cache) + row * D, count, st + i * R);
       });
+    } else if (quant) {  // dequantized into L1 first
+      for_each_page([&](int64_t i, int64_t count, int64_t row) {
+        for (int64_t j = 0; j < count; ++j) {
+          const int8_t* kr = a.k_q + (row + j) * (D + kKvScaleBytes);
+          const int8_t* vr = a.v_q + (row + j) * (D + kKvScaleBytes);
+          const __m512 ks = _mm512_set1_ps(kv_row_scale(kr, D)), vs = _mm512_set1_ps(kv_row_scale(vr, D));
+          for (int c = 0; c < C; ++c) {
+            _mm512_storeu_ps(sc.kf.data() + (i + j) * D + c * 16, _mm512_mul_ps(load_f32x16(kr + c * 16), ks));
+            _mm512_storeu_ps(sc.vf.data() + (i + j) * D + c * 16, _mm512_mul_ps(load_f32x16(vr + c * 16), vs));
+          }
+        }
+      });
+      qk_f32_all<D>(qt, R, sc.kf.data(), n, st);
     } else {  // widened into L1 first
       for_each_page([&](int64_t i, int64_t count, int64_t row) {
         for (int64_t j = 0; j < count * C; ++j) {
@@ -621,7 +656,7 @@ static void vector_task(const Args<T>& a, const Task& task, Scratch& sc, bool am
         pv_amx<D>(o, sc.pt.data(), R, sc.vp.data(), (n + 31) / 32);
       }
 #endif
-    } else if constexpr (kDirect) {  // the rescale by alpha rides on the first run's load of O
+    } else if (direct) {  // the rescale by alpha rides on the first run's load of O
       for_each_page([&](int64_t i, int64_t count, int64_t row) {
         const float* v_rows = reinterpret_cast<const float*>(a.v_cache) + row * D;
         pv_f32<D>(o, i == 0 ? alpha : nullptr, st + i * R, R, v_rows, count);
@@ -716,9 +751,10 @@ torch::Tensor prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
               k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), fn, "v_cache ", v_cache.sizes(), " must match k_cache ",
               k_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), fn,
-              "q, k_cache and v_cache must share a dtype, got ", q.scalar_type(), ", ", k_cache.scalar_type(), ", ",
-              v_cache.scalar_type());
+  const bool quant = k_cache.scalar_type() == at::kChar;  // the int8 cache (kv_int8.h)
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && (quant || k_cache.scalar_type() == q.scalar_type()),
+              fn, "q, k_cache and v_cache must share a dtype (or the caches be int8), got ", q.scalar_type(), ", ",
+              k_cache.scalar_type(), ", ", v_cache.scalar_type());
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn,
               "dtype must be float32, bfloat16 or float16, got ", dtype);
@@ -726,7 +762,8 @@ torch::Tensor prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   TORCH_CHECK(q.stride(2) == 1, fn, "q's last dimension must be contiguous");
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, fn, "q's head_dim ", head_dim, " != the cache's ", k_cache.size(3));
+  TORCH_CHECK(k_cache.size(3) == head_dim + (quant ? kKvScaleBytes : 0), fn, "q's head_dim ", head_dim,
+              quant ? " + 4 (an int8 row's scale) != the cache row's " : " != the cache's ", k_cache.size(3));
   TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, fn, "query heads (", num_heads,
               ") must be a multiple of kv heads (", num_kv_heads, ")");
   TORCH_CHECK(block_size > 0, fn, "block_size must be positive");
@@ -740,7 +777,8 @@ torch::Tensor prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   for (const auto* t : {&block_tables, &cu_seqlens, &context_lens})
     TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, fn,
                 "block_tables, cu_seqlens and context_lens must be int32 or int64, got ", t->scalar_type());
-  const auto available = paths_for(dtype, head_dim);
+  auto available = paths_for(dtype, head_dim);
+  if (quant) available.erase(std::remove(available.begin(), available.end(), "amx"), available.end());
   Path path;
   if (path_name == "auto") {
     path = available.front() == "amx" ? Path::kAmx : available.front() == "avx512" ? Path::kAvx512 : Path::kScalar;
@@ -806,10 +844,16 @@ torch::Tensor prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_attention_prefill_varlen", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      const Args<scalar_t> args{q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                                out.data_ptr<scalar_t>(), q.stride(0), q.stride(1), num_heads, num_kv_heads, group,
-                                block_size, max_blocks, tables_p, starts.data(), row0.data(),
-                                static_cast<float>(scale)};
+      Args<scalar_t> args{q.data_ptr<scalar_t>(), nullptr, nullptr, out.data_ptr<scalar_t>(), q.stride(0),
+                          q.stride(1), num_heads, num_kv_heads, group, block_size, max_blocks, tables_p,
+                          starts.data(), row0.data(), static_cast<float>(scale)};
+      if (quant) {
+        args.k_q = k_cache.data_ptr<int8_t>();
+        args.v_q = v_cache.data_ptr<int8_t>();
+      } else {
+        args.k_cache = k_cache.data_ptr<scalar_t>();
+        args.v_cache = v_cache.data_ptr<scalar_t>();
+      }
       dispatch_head_dim<scalar_t>(head_dim, args, tasks, max_rows, path);
     }
   });
