@@ -4,6 +4,8 @@ on a GPU, the C++ kernels (kernels/csrc) on a CPU.
     python benchmarks/bench_kernels.py                  # on a CUDA GPU: Llama-3-8B-like heads, bf16
     python benchmarks/bench_kernels.py --dtype float16 --block-size 32
     python benchmarks/bench_kernels.py --threads 2      # on a CPU: SmolLM2-135M heads, the C++ kernels
+    python benchmarks/bench_kernels.py --threads 2 --dtype bfloat16 --kv-cache-dtype int8 --layers 30
+                                                        # the int8 KV cache, a whole decode step
     python benchmarks/bench_kernels.py --smoke          # tiny shapes, with Triton's interpreter on a CPU
 
 Without a CUDA device the C++ kernels are timed against the torch path the engine would otherwise
@@ -16,6 +18,8 @@ script and the kernels run and agree; interpreter timings say nothing about a GP
 Bandwidth arithmetic. One call of each kernel needs every cached K and V row of its sequences once:
 
     kv_bytes = 2 (K and V) * sum(context lengths) * Hkv * D * bytes per element
+
+(with the int8 cache, --kv-cache-dtype int8, a row is D codes + a 4-byte scale: D + 4 bytes)
 
 and "GB/s" is kv_bytes / time per call, for both implementations. It is the useful traffic, not what
 the hardware moved: the torch reference gathers each context into a contiguous copy first (it reads
@@ -84,7 +88,7 @@ SMOKE_HEADS = Heads(4, 2, 64)
 SMOKE_DECODE = [DecodeShape(2, 40), DecodeShape(4, 33)]
 SMOKE_PREFILL = [PrefillShape(((0, 20),)), PrefillShape(((16, 8), (5, 11)))]
 CPU_HEADS = Heads(9, 3, 64)  # SmolLM2-135M (the built-in model): g = 3
-CPU_DECODE = [DecodeShape(16, 300), DecodeShape(64, 300)]
+CPU_DECODE = [DecodeShape(64, 32), DecodeShape(64, 126), DecodeShape(16, 300), DecodeShape(64, 300)]
 CPU_PREFILL = [PrefillShape(((0, 512),)), PrefillShape(((0, 62),) * 8), PrefillShape(((256, 256),))]
 
 
@@ -101,18 +105,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--reps", type=int, default=None, help="timed calls per measurement (CPU timing only)"
     )
+    parser.add_argument(
+        "--layers", type=int, default=1,
+        help="decode: one call on each of this many separate caches per timing, as a decode step of that many "
+        "layers runs (out of the CPU's caches, as in the engine; 1: the same cache every call, cache-hot on CPU)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+        help="auto: the cache in --dtype; int8: codes + a scale per row (CPU kernels and torch reference)",
+    )
     return parser.parse_args()
+
+
+KV_INT8 = False  # --kv-cache-dtype int8: make_cache quantizes (set in main)
 
 
 def make_cache(lens: list[int], heads: Heads, block_size: int, dtype: torch.dtype, device: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """A pool holding the sequences' blocks in shuffled order, and their block tables [B, max_blocks]."""
+    from llmserve_kernels import quantize_kv
+
     torch.manual_seed(0)
     per_seq = [math.ceil(n / block_size) for n in lens]
     num_blocks = sum(per_seq) + 1
     shape = (num_blocks, heads.num_kv_heads, block_size, heads.head_dim)  # [num_blocks, Hkv, bs, D]
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     v_cache = torch.randn(shape, device=device, dtype=dtype)
+    if KV_INT8:  # [num_blocks, Hkv, bs, D + 4] int8
+        k_cache, v_cache = quantize_kv(k_cache), quantize_kv(v_cache)
     order = torch.randperm(num_blocks).tolist()
     tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int64)
     for i, nb in enumerate(per_seq):
@@ -162,11 +182,12 @@ def run_all(fns: dict[str, Callable[[], torch.Tensor]], device: str, reps: int
 
 
 def bench_decode(kernels: dict[str, ModuleType], heads: Heads, shape: DecodeShape, block_size: int,
-                 dtype: torch.dtype, device: str, reps: int) -> None:  # fmt: skip
+                 dtype: torch.dtype, device: str, reps: int, layers: int = 1) -> None:  # fmt: skip
     from llmserve_kernels import decode_mask, gather_index, paged_attention_decode
 
     lens = [shape.context] * shape.batch
-    k_cache, v_cache, tables = make_cache(lens, heads, block_size, dtype, device)
+    caches = [make_cache(lens, heads, block_size, dtype, device) for _ in range(layers)]
+    k_cache, _, tables = caches[0]  # the tables are the same for every layer (make_cache is seeded)
     q = torch.randn(shape.batch, heads.num_heads, heads.head_dim, device=device).to(dtype)  # [B, H, D]
     context_lens = torch.tensor(lens, device=device)
     scale = heads.head_dim**-0.5
@@ -174,17 +195,25 @@ def bench_decode(kernels: dict[str, ModuleType], heads: Heads, shape: DecodeShap
     index = gather_index(tables, heads.num_kv_heads)  # [B, Hkv, nblk]
     mask = decode_mask(context_lens, tables.shape[1] * block_size, torch.float32)  # [B, 1, 1, nblk * bs]
 
+    def every_layer(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        # the last layer's output is what run_all compares; the tables are the same in every layer
+        return lambda: [fn(k, v) for k, v, _ in caches][-1]
+
     fns: dict[str, Callable[[], torch.Tensor]] = {
-        "torch": lambda: paged_attention_decode(q, k_cache, v_cache, index, mask, scale)
+        "torch": every_layer(lambda k, v: paged_attention_decode(q, k, v, index, mask, scale))
     }
     for label, module in kernels.items():  # both take the block tables and lengths as they are
-        fns[label] = functools.partial(
-            module.paged_attention_decode, q, k_cache, v_cache, tables, context_lens, scale
-        )
-    kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
+        fns[label] = every_layer(functools.partial(_decode_call, module, q, tables, context_lens, scale))
+    kv_bytes = layers * 2 * sum(lens) * heads.num_kv_heads * k_cache.shape[-1] * k_cache.element_size()
+    where = f" x {layers} layers" if layers > 1 else ""
     report(
-        f"decode  B={shape.batch:<4} context={shape.context:<5}", *run_all(fns, device, reps), kv_bytes, None
+        f"decode  B={shape.batch:<4} context={shape.context:<5}{where}", *run_all(fns, device, reps), kv_bytes, None
     )
+
+
+def _decode_call(module: ModuleType, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    return module.paged_attention_decode(q, k_cache, v_cache, tables, lens, scale)
 
 
 def bench_prefill(kernels: dict[str, ModuleType], heads: Heads, shape: PrefillShape, block_size: int,
@@ -226,7 +255,7 @@ def bench_prefill(kernels: dict[str, ModuleType], heads: Heads, shape: PrefillSh
             scale,
             max_n,
         )
-    kv_bytes = 2 * sum(lens) * heads.num_kv_heads * heads.head_dim * q.element_size()
+    kv_bytes = 2 * sum(lens) * heads.num_kv_heads * k_cache.shape[-1] * k_cache.element_size()
     # query i of a chunk sees prefix + i + 1 keys: n * prefix + n * (n + 1) / 2 (query, key) pairs
     pairs = sum(n * start + n * (n + 1) // 2 for start, n in shape.chunks)
     flops = 4 * heads.num_heads * heads.head_dim * pairs
@@ -266,8 +295,12 @@ def load_kernels(
 
 
 def main() -> None:
+    global KV_INT8
     args = parse_args()
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    KV_INT8 = args.kv_cache_dtype == "int8"
+    if KV_INT8 and (on_gpu or args.smoke):
+        sys.exit("--kv-cache-dtype int8: the C++ kernels on a CPU only (the Triton kernels read a model-dtype cache)")
     if args.threads:
         torch.set_num_threads(args.threads)
     smoke = args.smoke
@@ -293,14 +326,14 @@ def main() -> None:
         versions += f", triton {triton.__version__}"
     if "cpp" in prefill_kernels:
         versions += f", C++ prefill paths {prefill_kernels['cpp'].paths(torch.empty(1, 1, heads.head_dim, dtype=dtype))}"
-    print(f"{versions}, {str(dtype).removeprefix('torch.')}, "
+    print(f"{versions}, {str(dtype).removeprefix('torch.')}{', int8 KV cache' if KV_INT8 else ''}, "
           f"block_size {args.block_size}, H={heads.num_heads} Hkv={heads.num_kv_heads} D={heads.head_dim}"
           f"{', smoke shapes' if smoke else ''}, median of {reps} calls")  # fmt: skip
-    print("GB/s = K/V bytes one call needs (2 * sum(context) * Hkv * D * elem) / time per call")
+    print("GB/s = K/V bytes one call needs (2 * sum(context) * Hkv * row bytes) / time per call")
     if interpreted:
         print("(interpreter timings are not GPU figures: this run checks that everything runs and agrees)")
     for shape in SMOKE_DECODE if smoke else GPU_DECODE if on_gpu else CPU_DECODE:
-        bench_decode(decode_kernels, heads, shape, args.block_size, dtype, device, reps)
+        bench_decode(decode_kernels, heads, shape, args.block_size, dtype, device, reps, args.layers)
     for shape in SMOKE_PREFILL if smoke else GPU_PREFILL if on_gpu else CPU_PREFILL:
         bench_prefill(prefill_kernels, heads, shape, args.block_size, dtype, device, reps)
 
