@@ -14,6 +14,7 @@ scale, w8a8 weights measure 0.95 / +0.044 against bf16 (tests/test_w8a8.py).
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -210,3 +211,18 @@ def test_batching_chunking_and_prefix_caching_do_not_change_tokens() -> None:
     # decode kernel, which sums in another order, and a difference of 1e-7 can round a code the other
     # way, which can change what follows (README, "int8 KV cache"; seen on 1 of 7 prompts, also in float32).
     check_invariance(dict(dtype="bfloat16", quantization="w8a8", kv_cache_dtype="int8"), [BATCHED, PREFIX])
+
+
+def test_torch_reference_and_cpp_paths_agree_on_a_tiny_model(tiny_path: Path) -> None:
+    # float32, where the two paths differ only in summation order: the same greedy tokens, through
+    # the torch writer and reference attention on one side, the C++ writer and kernels on the other.
+    needs(cpu_ops.load(), "decode kernel")
+    prompts = [[5, 6, 7], list(range(100, 140)), [42] * 9, list(range(300, 317))]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "cpp"):
+        llm = LLM(str(tiny_path), dtype="float32", block_size=4, kv_cache_dtype="int8", attention_backend=backend,
+                  max_num_batched_tokens=16, max_num_seqs=4)  # fmt: skip
+        assert llm.engine.runner.kv_caches[0][0].dtype == torch.int8
+        tokens[backend] = [r.token_ids for r in llm.generate(prompts, params)]
+    assert tokens["torch"] == tokens["cpp"]
