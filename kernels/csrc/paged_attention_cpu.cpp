@@ -112,15 +112,19 @@ static inline void softmax16(float* s, int64_t len) {
 // NTA as T0. At 40 and 400 tokens likewise 5.0 -> 3.3 and 50.9 -> 37.7 ms.
 constexpr int64_t kPrefetchBlocks = 4;  // blocks of bf16 (or fp32) rows; int8 rows: see prefetch_blocks
 
-// Blocks to prefetch ahead. The int8 cache: 16, so a (sequence, KV head) of up to 256 tokens is
-// asked for whole when its pass starts (17 KB of K and of V at D = 64), and no sequence lookahead
-// (kLookaheadBlocks). Measured at 64 sequences x 126 tokens, 30 layers, median of 9 interleaved
-// (2026-12-03): lookahead 16 blocks with 8 ahead 9.15 ms, no lookahead with 4 / 8 / 12 / 16 ahead
-// 8.23 / 7.96 / 7.57 / 7.43 ms (63 tokens: 3.5-3.7 ms for all). Prefetching the next (sequence,
-// head) paced over the current one's blocks measured worse (12.7 against 9.4 ms).
+// Blocks to prefetch ahead, and to look ahead into the next sequence (kLookaheadBlocks times this
+// over kPrefetchBlocks): the bf16 distances in bytes, twice the blocks for the int8 cache's
+// half-size rows. Alone, with the kernel timed in a loop, more measured faster: 64 sequences x 126
+// tokens x 30 layers, median of 9 (2026-12-03), these distances 9.15 ms; no lookahead and 16
+// blocks ahead, so a (sequence, head) of up to 256 tokens is asked for whole when its pass starts,
+// 7.43 ms. But served at 64 streams, with the event loop and the client on the same two cores,
+// that version made the whole layer loop slower (37.4-46.5 against 34.6-37.7 ms a step with the
+// bf16 cache, 3 pairs), and these distances did not (32.3 / 36.7 against 33.4 / 36.5 ms).
+// Prefetching the next (sequence, head) paced over the current one's blocks measured worse
+// alone (12.7 against 9.4 ms).
 template <typename KV>
 constexpr int64_t prefetch_blocks() {
-  return sizeof(KV) == 1 ? 4 * kPrefetchBlocks : kPrefetchBlocks;
+  return sizeof(KV) == 1 ? 2 * kPrefetchBlocks : kPrefetchBlocks;
 }
 
 // The block_size x RS rows of KV head `kvh` in pool block `block` ([num_blocks, Hkv, block_size, RS]).
@@ -153,7 +157,7 @@ static inline void prefetch_sequence(const KV* k_cache, const KV* v_cache, const
 // longer demand misses. Measured on the Zen 4 core pair, 64 sequences x 30 layers, bf16, best of
 // 5 (2026-12-03): 126 tokens 10.2-10.7 -> 8.5 ms (4 blocks ahead: 9.0-9.6, 16: 8.4); 400 tokens
 // 35.8 -> 34.0 ms.
-constexpr int64_t kLookaheadBlocks = 8;  // bf16 and fp32 caches; the int8 one has none (prefetch_blocks)
+constexpr int64_t kLookaheadBlocks = 8;  // bf16 blocks; int8: twice as many (prefetch_blocks)
 
 // scores[j * len + t0 + i] = qf_j . k_i for the block's n <= 16 rows, every head j of the group.
 // float32 rows are read in place; other dtypes are widened once into `kf` for all g heads; int8
@@ -475,10 +479,11 @@ static void decode_kernel(const T* q, const KV* k_cache, const KV* v_cache, cons
     while (b < batch) {
       const int64_t ahead = next_seq.fetch_add(1, std::memory_order_relaxed);
 #if defined(LLMSERVE_AVX512)
-      if constexpr (kVector && !std::is_same_v<KV, int8_t>)
+      if constexpr (kVector)
         if (ahead < batch)
           prefetch_sequence<KV, RS>(k_cache, v_cache, tables + ahead * max_blocks,
-                                    std::min(kLookaheadBlocks, (lens[ahead] + block_size - 1) / block_size),
+                                    std::min(kLookaheadBlocks * prefetch_blocks<KV>() / kPrefetchBlocks,
+                                             (lens[ahead] + block_size - 1) / block_size),
                                     num_kv_heads, block_size);
 #endif
       for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) run(b, kvh);
