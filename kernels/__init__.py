@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from llmserve_kernels.paged_attention_ref import (
     KV_SCALE_BYTES,
-    cache_head_dim,
     decode_mask,
     dequantize_kv,
     gather_context,
@@ -20,7 +19,6 @@ from llmserve_kernels.paged_attention_ref import (
 
 __all__ = [
     "KV_SCALE_BYTES",
-    "cache_head_dim",
     "decode_mask",
     "dequantize_kv",
     "gather_context",

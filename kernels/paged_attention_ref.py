@@ -28,7 +28,7 @@ KV_SCALE_BYTES = 4  # the float32 scale at the end of an int8 cache row
 def quantize_kv(x: torch.Tensor) -> torch.Tensor:
     """[..., D] model-dtype rows -> [..., D + 4] int8 cache rows: symmetric per row (one token, one
     head), scale = max|x| / 127, code = round-half-even(x * (127 / max|x|)), in float32. The C++
-    writer (kernels/csrc/cpu_vec.h kv_quantize_row) does the same float32 operations, so both
+    writer (kernels/csrc/kv_int8.h kv_quantize_row) does the same float32 operations, so both
     write the same bytes."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)  # [..., 1]
@@ -45,11 +45,6 @@ def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     head_dim = rows.shape[-1] - KV_SCALE_BYTES
     scale = rows[..., head_dim:].contiguous().view(torch.float32)  # [..., 1]
     return (rows[..., :head_dim].float() * scale).to(dtype)
-
-
-def cache_head_dim(cache: torch.Tensor) -> int:
-    """The head size D of a cache, whichever its dtype."""
-    return cache.shape[-1] - (KV_SCALE_BYTES if cache.dtype == torch.int8 else 0)
 
 
 def write_kv_cache(

@@ -44,7 +44,7 @@ _FLAG_HELP = {
     "cache.enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
     "cache.kv_cache_dtype": "auto (the model's dtype) or int8 (CPU with the C++ or torch attention: each "
     "token's K and V rows per head as int8 codes and one float32 scale, about half the bytes of bfloat16: "
-    "~1.9x the tokens in the same memory, at some quality cost; decode attention reads half the bytes)",
+    "~1.9x the tokens in the same memory, at some quality cost)",
     "scheduler.max_num_seqs": "sequences that run at once",
     "scheduler.max_num_batched_tokens": "token budget of one step (decodes first, then prefill chunks)",
     "server.host": "address to listen on",

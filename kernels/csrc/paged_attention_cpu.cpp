@@ -8,7 +8,7 @@
 // with 450-token contexts reads 22 MB of K/V per layer.
 //
 // Layout: cache [num_blocks, Hkv, block_size, D] of q's dtype, or [num_blocks, Hkv, block_size, D + 4]
-// int8 (the int8 KV cache: D codes and a float32 scale a row, cpu_vec.h); block_tables
+// int8 (the int8 KV cache: D codes and a float32 scale a row, kv_int8.h); block_tables
 // [B, max_blocks] (int64); context_lens [B] (int64); q [B, H, D]; out [B, H, D]. One task per
 // (sequence, KV head): its g = H / Hkv query heads share every K/V row they read.
 //
@@ -127,6 +127,12 @@ constexpr int64_t prefetch_blocks() {
   return sizeof(KV) == 1 ? 2 * kPrefetchBlocks : kPrefetchBlocks;
 }
 
+// Elements of one cache row: D, or D codes and the 4 bytes of their scale.
+template <typename KV, int D>
+constexpr int64_t row_stride() {
+  return std::is_same_v<KV, int8_t> ? D + kKvScaleBytes : D;
+}
+
 // The block_size x RS rows of KV head `kvh` in pool block `block` ([num_blocks, Hkv, block_size, RS]).
 template <typename KV, int64_t RS>
 static inline void prefetch_block(const KV* cache, int64_t block, int64_t num_kv_heads, int64_t kvh,
@@ -167,7 +173,7 @@ static inline void qk_block(const float* qf, int64_t group, const KV* k_block, i
                             int64_t len, int64_t t0, float* kf /* [16 * D] scratch */) {
   constexpr int C = D / 16;
   constexpr bool kQuant = std::is_same_v<KV, int8_t>;
-  constexpr int64_t RS = kQuant ? D + kKvScaleBytes : D;
+  constexpr int64_t RS = row_stride<KV, D>();
   const float* rows = reinterpret_cast<const float*>(k_block);
   alignas(64) float row_scale[16] = {};
   if constexpr (!std::is_same_v<KV, float>) {
@@ -228,7 +234,7 @@ template <int D>
 static inline void qk_block_i8_bf16(const __m512bh* qb, int64_t group, const int8_t* k_block, int64_t n,
                                     float* scores, int64_t len, int64_t t0, float scale, __m512bh* kb) {
   constexpr int C2 = D / 32;
-  constexpr int64_t RS = D + kKvScaleBytes;
+  constexpr int64_t RS = row_stride<int8_t, D>();
   alignas(64) float row_scale[16] = {};
   for (int64_t i = 0; i < n; ++i) {
     const int8_t* r = k_block + i * RS;
@@ -260,7 +266,7 @@ static inline void pv_heads(const float* scores, int64_t j0, const KV* v_cache, 
                             int64_t num_kv_heads, int64_t kvh, int64_t block_size, int64_t len, float* acc) {
   constexpr int C = D / 16;
   constexpr bool kQuant = std::is_same_v<KV, int8_t>;
-  constexpr int64_t RS = kQuant ? D + kKvScaleBytes : D;
+  constexpr int64_t RS = row_stride<KV, D>();
   __m512 a[HP][C];
   for (int h = 0; h < HP; ++h)
     for (int c = 0; c < C; ++c) a[h][c] = _mm512_setzero_ps();
@@ -316,12 +322,6 @@ static inline void widen_row(const KV* block, int64_t i, float* row) {
 #pragma omp simd
     for (int d = 0; d < D; ++d) row[d] = to_f32(block[i * D + d]);
   }
-}
-
-// Elements of one cache row: D, or D codes and the 4 bytes of their scale.
-template <typename KV, int D>
-constexpr int64_t row_stride() {
-  return std::is_same_v<KV, int8_t> ? D + kKvScaleBytes : D;
 }
 
 // The plain loops' P.V (double, head sizes not a multiple of 16, builds without AVX-512).
