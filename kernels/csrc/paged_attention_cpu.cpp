@@ -201,16 +201,12 @@ static inline void qk_block(const float* qf, int64_t group, const KV* k_block, i
 }
 
 #if defined(__AVX512BF16__)
-// The bf16 cache with AVX512-BF16: `vdpbf16ps` multiplies 32 bf16 pairs straight from the cache
-// and adds them into 16 fp32 lanes, so K rows need no widening pass (which cost more instructions
-// than the dot products themselves). Each bf16 x bf16 product is exact in fp32; q is the model's
-// bf16 q, and the softmax scale is applied to the fp32 sums.
+// scores[j * len + t0 + i] = (q_j . row_i) * mul[i] for n <= 16 bf16 rows (stride D), every head j.
 template <int D>
-static inline void qk_block_bf16(const __m512bh* qb, int64_t group, const c10::BFloat16* k_block, int64_t n,
-                                 float* scores, int64_t len, int64_t t0, float scale) {
+static inline void dot_rows_bf16(const __m512bh* qb, int64_t group, const c10::BFloat16* rows, int64_t n,
+                                 float* scores, int64_t len, int64_t t0, __m512 mul) {
   constexpr int C2 = D / 32;
   const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
-  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < group; ++j) {
     __m512 part[16];
     for (int i = 0; i < 16; ++i) {
@@ -218,11 +214,21 @@ static inline void qk_block_bf16(const __m512bh* qb, int64_t group, const c10::B
       if (i < n)
         for (int c = 0; c < C2; ++c)
           acc = _mm512_dpbf16_ps(acc, qb[j * C2 + c],
-                                 (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(k_block + i * D + c * 32)));
+                                 (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(rows + i * D + c * 32)));
       part[i] = acc;
     }
-    _mm512_mask_storeu_ps(scores + j * len + t0, mask, _mm512_mul_ps(reduce16(part), vscale));
+    _mm512_mask_storeu_ps(scores + j * len + t0, mask, _mm512_mul_ps(reduce16(part), mul));
   }
+}
+
+// The bf16 cache with AVX512-BF16: `vdpbf16ps` multiplies 32 bf16 pairs straight from the cache
+// and adds them into 16 fp32 lanes, so K rows need no widening pass (which cost more instructions
+// than the dot products themselves). Each bf16 x bf16 product is exact in fp32; q is the model's
+// bf16 q, and the softmax scale is applied to the fp32 sums.
+template <int D>
+static inline void qk_block_bf16(const __m512bh* qb, int64_t group, const c10::BFloat16* k_block, int64_t n,
+                                 float* scores, int64_t len, int64_t t0, float scale) {
+  dot_rows_bf16<D>(qb, group, k_block, n, scores, len, t0, _mm512_set1_ps(scale));
 }
 
 // The int8 cache with AVX512-BF16: each K row's codes are converted to bf16 once (exact: |code| <= 127
@@ -242,18 +248,8 @@ static inline void qk_block_i8_bf16(const __m512bh* qb, int64_t group, const int
       kb[i * C2 + c] = _mm512_cvtne2ps_pbh(load_f32x16(r + c * 32 + 16), load_f32x16(r + c * 32));
     row_scale[i] = kv_row_scale(r, D) * scale;
   }
-  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
-  const __m512 scales = _mm512_load_ps(row_scale);
-  for (int64_t j = 0; j < group; ++j) {
-    __m512 part[16];
-    for (int i = 0; i < 16; ++i) {
-      __m512 acc = _mm512_setzero_ps();
-      if (i < n)
-        for (int c = 0; c < C2; ++c) acc = _mm512_dpbf16_ps(acc, qb[j * C2 + c], kb[i * C2 + c]);
-      part[i] = acc;
-    }
-    _mm512_mask_storeu_ps(scores + j * len + t0, mask, _mm512_mul_ps(reduce16(part), scales));
-  }
+  dot_rows_bf16<D>(qb, group, reinterpret_cast<const c10::BFloat16*>(kb), n, scores, len, t0,
+                   _mm512_load_ps(row_scale));
 }
 #endif
 
