@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -79,3 +81,45 @@ def test_every_event_is_one_sse_data_line() -> None:
         assert json.loads(line)["choices"][0]["delta"]["content"] == text
     assert DONE == b"data: [DONE]\n\n"
     assert event('{"error":{}}') == b'data: {"error":{}}\n\n'
+
+
+# ---- TokenEventStream: sse-starlette's response without the per-event cancel scope ----------------
+
+
+async def _no_events() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
+
+
+BODY = {"type": "http.response.body", "body": b"data: x\n\n", "more_body": True}
+
+
+def test_token_event_stream_sends_each_event_without_a_cancel_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sse_starlette.sse
+
+    from llmserve.server.serving import TokenEventStream
+
+    def no_scope(*args: object) -> None:
+        raise AssertionError("a cancel scope was built for a send without a timeout")
+
+    monkeypatch.setattr(sse_starlette.sse.anyio, "move_on_after", no_scope)
+    response = TokenEventStream(_no_events(), sep="\n")
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(response._send_with_timeout(send, BODY))
+    assert sent == [BODY] and not response._send_interrupted
+
+    async def gone(message: dict) -> None:
+        raise OSError("client gone")
+
+    with pytest.raises(OSError, match="client gone"):
+        asyncio.run(response._send_with_timeout(gone, BODY))
+    assert response._send_interrupted  # as sse-starlette marks it: nothing more is sent
+
+    # With a timeout set, sse-starlette's own send (and its scope) runs.
+    timed = TokenEventStream(_no_events(), sep="\n", send_timeout=5.0)
+    with pytest.raises(AssertionError, match="cancel scope"):
+        asyncio.run(timed._send_with_timeout(send, BODY))
