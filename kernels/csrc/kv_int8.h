@@ -22,6 +22,13 @@ static inline float kv_row_scale(const int8_t* row, int64_t head_dim) {
   return s;
 }
 
+// A row's D values in float32 (code * scale): the readers' scalar paths. One multiply each, so the
+// no-contraction rule above does not matter here.
+static inline void kv_dequantize_row(const int8_t* row, int64_t head_dim, float* out) {
+  const float s = kv_row_scale(row, head_dim);
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<float>(row[d]) * s;
+}
+
 // x[0 .. D) (the rotated key or the value, already rounded to the model dtype) -> row's codes and scale.
 static inline void kv_quantize_row(const float* x, int64_t head_dim, int8_t* row) {
   float amax = 0.f;

@@ -32,6 +32,12 @@
 #define LLMSERVE_BLOCKED 1  // -DLLMSERVE_BLOCKED=0 builds the plain loops only, for comparison
 #endif
 
+// Elements of one cache row: D, or D codes and the 4 bytes of their scale.
+template <typename KV, int D>
+constexpr int64_t row_stride() {
+  return std::is_same_v<KV, int8_t> ? D + kKvScaleBytes : D;
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // AVX-512 paths for head sizes that are a multiple of 16, on a block of up to 16 cached tokens:
@@ -125,12 +131,6 @@ constexpr int64_t kPrefetchBlocks = 4;  // blocks of bf16 (or fp32) rows; int8 r
 template <typename KV>
 constexpr int64_t prefetch_blocks() {
   return sizeof(KV) == 1 ? 2 * kPrefetchBlocks : kPrefetchBlocks;
-}
-
-// Elements of one cache row: D, or D codes and the 4 bytes of their scale.
-template <typename KV, int D>
-constexpr int64_t row_stride() {
-  return std::is_same_v<KV, int8_t> ? D + kKvScaleBytes : D;
 }
 
 // The block_size x RS rows of KV head `kvh` in pool block `block` ([num_blocks, Hkv, block_size, RS]).
@@ -310,10 +310,7 @@ static inline void pv_all(const float* scores, int64_t group, const T* v_cache, 
 template <typename KV, int D>
 static inline void widen_row(const KV* block, int64_t i, float* row) {
   if constexpr (std::is_same_v<KV, int8_t>) {
-    const int8_t* r = block + i * (D + kKvScaleBytes);
-    const float s = kv_row_scale(r, D);
-#pragma omp simd
-    for (int d = 0; d < D; ++d) row[d] = static_cast<float>(r[d]) * s;
+    kv_dequantize_row(block + i * row_stride<KV, D>(), D, row);
   } else {
 #pragma omp simd
     for (int d = 0; d < D; ++d) row[d] = to_f32(block[i * D + d]);

@@ -131,10 +131,7 @@ struct Args {
 template <typename T, int D>
 static inline void widen_cache_row(const T* cache, const int8_t* codes, int64_t r, float* out) {
   if (codes) {
-    const int8_t* c = codes + r * (D + kKvScaleBytes);
-    const float s = kv_row_scale(c, D);
-#pragma omp simd
-    for (int d = 0; d < D; ++d) out[d] = static_cast<float>(c[d]) * s;
+    kv_dequantize_row(codes + r * (D + kKvScaleBytes), D, out);
     return;
   }
 #pragma omp simd
