@@ -123,7 +123,7 @@ KV_INT8 = False  # --kv-cache-dtype int8: make_cache quantizes (set in main)
 def make_cache(lens: list[int], heads: Heads, block_size: int, dtype: torch.dtype, device: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """A pool holding the sequences' blocks in shuffled order, and their block tables [B, max_blocks]."""
-    from llmserve_kernels import quantize_kv
+    from llmserve_kernels.paged_attention_ref import quantize_kv
 
     torch.manual_seed(0)
     per_seq = [math.ceil(n / block_size) for n in lens]
@@ -183,7 +183,7 @@ def run_all(fns: dict[str, Callable[[], torch.Tensor]], device: str, reps: int
 
 def bench_decode(kernels: dict[str, ModuleType], heads: Heads, shape: DecodeShape, block_size: int,
                  dtype: torch.dtype, device: str, reps: int, layers: int = 1) -> None:  # fmt: skip
-    from llmserve_kernels import decode_mask, gather_index, paged_attention_decode
+    from llmserve_kernels.paged_attention_ref import decode_mask, gather_index, paged_attention_decode
 
     lens = [shape.context] * shape.batch
     caches = [make_cache(lens, heads, block_size, dtype, device) for _ in range(layers)]
@@ -218,7 +218,7 @@ def _decode_call(module: ModuleType, q: torch.Tensor, tables: torch.Tensor, lens
 
 def bench_prefill(kernels: dict[str, ModuleType], heads: Heads, shape: PrefillShape, block_size: int,
                   dtype: torch.dtype, device: str, reps: int) -> None:  # fmt: skip
-    from llmserve_kernels import gather_index, paged_attention_prefill
+    from llmserve_kernels.paged_attention_ref import gather_index, paged_attention_prefill
 
     lens = [start + n for start, n in shape.chunks]
     k_cache, v_cache, tables = make_cache(lens, heads, block_size, dtype, device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmserve_kernels import paged_attention_decode, paged_attention_prefill
+from llmserve_kernels.paged_attention_ref import paged_attention_decode, paged_attention_prefill
 
 
 @dataclass(slots=True)

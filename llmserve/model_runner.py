@@ -32,7 +32,7 @@ from llmserve.models.mkl_linear import MklPackedLinear, can_pack_fp32, pack_fp32
 from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
-from llmserve_kernels import KV_SCALE_BYTES, decode_mask, gather_index
+from llmserve_kernels.paged_attention_ref import KV_SCALE_BYTES, decode_mask, gather_index
 
 DECODE_GROUPS = 4  # most batched attention calls for the one-token seqs of a step
 MIN_DECODE_GROUP = 8  # fewer rows than this per group is not worth a separate call

@@ -3,13 +3,17 @@ and the C++ CPU decode kernel against the torch path, across shapes and dtypes."
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from llmserve_kernels import (
-    cpu_ops,
+from llmserve_kernels import cpu_ops
+from llmserve_kernels.paged_attention_ref import (
     decode_mask,
     gather_index,
     paged_attention_decode,
@@ -18,6 +22,21 @@ from llmserve_kernels import (
 )
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_kernels_folder_does_not_shadow_the_pypi_kernels_package() -> None:
+    # `python -m pytest` (the README's test command) and `python -m llmserve` put the working directory
+    # first on sys.path; transformers imports the PyPI `kernels` when it is installed, and found our
+    # folder instead once (ImportError: cannot import name 'CUDAProperties').
+    code = "import kernels, llmserve_kernels.cpu_ops as c; print(kernels.__file__); print(c.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    pypi_file, ours = out.stdout.split("\n")[:2]
+    assert Path(ours).resolve() == REPO / "kernels" / "cpu_ops.py"
+    if importlib.util.find_spec("kernels") is None or pypi_file == "None":
+        assert not (REPO / "kernels" / "__init__.py").exists()  # at most an empty namespace package
+    else:
+        assert not Path(pypi_file).resolve().is_relative_to(REPO), pypi_file
 
 
 def make_paged(lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,

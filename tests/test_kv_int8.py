@@ -25,9 +25,9 @@ from llmserve import LLM, SamplingParams
 from llmserve.config import CacheConfig
 from llmserve.model_runner import check_kv_cache_dtype
 from llmserve.models.layer_ops import TorchLayerOps
-from llmserve_kernels import (
+from llmserve_kernels import cpu_ops
+from llmserve_kernels.paged_attention_ref import (
     KV_SCALE_BYTES,
-    cpu_ops,
     decode_mask,
     dequantize_kv,
     gather_index,

@@ -13,7 +13,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from llmserve_kernels import cpu_ops, gather_index, paged_attention_prefill, write_kv_cache
+from llmserve_kernels import cpu_ops
+from llmserve_kernels.paged_attention_ref import gather_index, paged_attention_prefill, write_kv_cache
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # (cached prefix, new tokens) per chunk: a 1-token chunk, chunks longer than one query tile (21 tokens

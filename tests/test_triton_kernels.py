@@ -29,12 +29,13 @@ import pytest
 import torch
 
 import llmserve_kernels
+from llmserve_kernels import paged_attention_ref
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: the Triton kernels cannot be tested here", allow_module_level=True)
 
 TESTS_DIR = Path(__file__).resolve().parent
-KERNELS_FILE = Path(llmserve_kernels.__file__).parent / "triton_paged_attention.py"
+KERNELS_FILE = Path(paged_attention_ref.__file__).parent / "triton_paged_attention.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Both sides round their output to the dtype once and accumulate in fp32 in different orders: a
 # couple of ulps of the output (fp16: 2**-10, bf16: 2**-7 at magnitude 1); fp32 differs by ~1e-6.
@@ -92,7 +93,8 @@ def check_decode(device: str, head_dim: int, group: int, block_size: int, dtype:
                  **options: int) -> None:  # fmt: skip
     from test_kernels import make_paged
 
-    from llmserve_kernels import decode_mask, gather_index, paged_attention_decode, triton_paged_attention
+    from llmserve_kernels import triton_paged_attention
+    from llmserve_kernels.paged_attention_ref import decode_mask, gather_index, paged_attention_decode
 
     k_cache, v_cache, tables, _, _ = make_paged(
         lens, NUM_KV_HEADS, head_dim, block_size, DTYPES[dtype], seed=7
@@ -119,7 +121,8 @@ def check_prefill(device: str, head_dim: int, group: int, block_size: int, dtype
                   chunks: list[tuple[int, int]], **options: int) -> None:  # fmt: skip
     from test_kernels import make_paged
 
-    from llmserve_kernels import gather_index, paged_attention_prefill, triton_paged_attention
+    from llmserve_kernels import triton_paged_attention
+    from llmserve_kernels.paged_attention_ref import gather_index, paged_attention_prefill
 
     lens = [start + n for start, n in chunks]
     k_cache, v_cache, tables, _, _ = make_paged(
@@ -173,7 +176,8 @@ def run_prefill(case: Case, device: str) -> None:
 def run_prefill_signature(case: Case) -> None:
     from test_kernels import make_paged
 
-    from llmserve_kernels import gather_index, paged_attention_prefill, triton_paged_attention
+    from llmserve_kernels import triton_paged_attention
+    from llmserve_kernels.paged_attention_ref import gather_index, paged_attention_prefill
 
     start, n, group, head_dim, block_size = case["start"], 20, 3, 64, 16
     k_cache, v_cache, tables, _, _ = make_paged(
@@ -190,7 +194,8 @@ def run_shuffled_table() -> None:
     """The comparisons can fail: the same cache read through a reordered table disagrees."""
     from test_kernels import make_paged
 
-    from llmserve_kernels import decode_mask, gather_index, paged_attention_decode, triton_paged_attention
+    from llmserve_kernels import triton_paged_attention
+    from llmserve_kernels.paged_attention_ref import decode_mask, gather_index, paged_attention_decode
 
     head_dim, block_size, lens = 64, 16, [40, 40]
     k_cache, v_cache, tables, _, _ = make_paged(lens, NUM_KV_HEADS, head_dim, block_size, torch.float32)

@@ -22,7 +22,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from llmserve_kernels import cpu_ops, write_kv_cache
+from llmserve_kernels import cpu_ops
+from llmserve_kernels.paged_attention_ref import write_kv_cache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
