@@ -212,7 +212,9 @@ def test_portable_build_gives_the_same_bits_as_vnni(ops: ModuleType) -> None:
         extra_cflags=["-O2", "-march=x86-64-v3", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
     )
-    assert ops.has_avx512() and not portable.has_avx512()
+    if not ops.has_avx512():
+        pytest.skip("this CPU has no AVX-512: the machine's own build is the portable one, nothing to compare")
+    assert not portable.has_avx512()
     codes, d, m = quantize_groups(random_weight(45, 320, seed=3))
     packed, bias = pack_groups(codes, d, m), torch.randn(45)
     for dtype in (torch.float32, torch.bfloat16):

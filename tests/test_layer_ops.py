@@ -109,7 +109,7 @@ def test_float32_keeps_torch_norm(fused_module) -> None:  # type: ignore[no-unty
                        TorchLayerOps().norm(x, weight, 1e-6))  # fmt: skip
 
 
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 packing here (needs oneDNN and AVX-512 or AVX-NE-CONVERT)")
 @pytest.mark.parametrize("rows", [1, 7, 64, 200])
 def test_packed_linear_matches_f_linear(rows: int) -> None:
     torch.manual_seed(rows)
@@ -119,7 +119,7 @@ def test_packed_linear_matches_f_linear(rows: int) -> None:
     torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 packing here (needs oneDNN and AVX-512 or AVX-NE-CONVERT)")
 @pytest.mark.parametrize("rows", [1, 7, 8, 64])  # both sides of MIN_ROWS_PLAIN
 def test_packed_head_matches_f_linear(rows: int) -> None:
     torch.manual_seed(rows)
@@ -128,7 +128,7 @@ def test_packed_head_matches_f_linear(rows: int) -> None:
     torch.testing.assert_close(PackedHead(weight)(x), F.linear(x, weight), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 packing here (needs oneDNN and AVX-512 or AVX-NE-CONVERT)")
 def test_pack_linears_replaces_every_linear() -> None:
     model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Sequential(nn.Linear(128, 32, bias=False))).bfloat16()
     x = torch.randn(4, 64).bfloat16()
