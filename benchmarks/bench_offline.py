@@ -368,7 +368,7 @@ def print_roofline(
           "of weights read per forward pass")  # fmt: skip
     if probe:
         print(f"  machine (probed): {probe['read_gb_per_s']:.1f} GB/s streaming read, "
-              f"{probe['matmul_gflop_per_s']:.0f} GFLOP/s {dtype} 2048^3 matmul")  # fmt: skip
+              f"{probe['matmul_gflop_per_s']:.3g} GFLOP/s {dtype} 2048^3 matmul")  # fmt: skip
     flops = size.flops(results[0].input_tokens, results[0].output_tokens) if results else 0.0
     print(f"  useful work: {flops / 1e12:.2f} TFLOP (2 x {(size.params - size.embed_params) / 1e6:.0f}M body "
           f"params x all tokens + 2 x {size.embed_params / 1e6:.0f}M lm_head params x output tokens)")  # fmt: skip

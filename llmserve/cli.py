@@ -20,7 +20,7 @@ from llmserve.config import add_config_args, config_from_args
 # What each config field does, for --help (the dataclasses' comments, in words a user reads).
 _FLAG_HELP = {
     "model.dtype": "weights and activations dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, "
-    "bfloat16, float16",
+    "bfloat16, float16 (bfloat16 on a CPU needs AVX-512 or AMX to be fast: AVX2-only CPUs emulate it)",
     "model.device": "auto (cuda when available), cpu or cuda",
     "model.max_model_len": "context window in tokens (prompt + completion); None: the model's own",
     "model.seed": "seed for requests that give none, so a server run is reproducible end to end",

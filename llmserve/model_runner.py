@@ -29,7 +29,7 @@ from llmserve.models.layer_loop import build_layer_loop
 from llmserve.models.layer_ops import FusedCpuLayerOps, LayerOps, TorchLayerOps
 from llmserve.models.llama import LlamaArch
 from llmserve.models.mkl_linear import MklPackedLinear, can_pack_fp32, pack_fp32_linears
-from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, pack_linears
+from llmserve.models.packed_linear import AmxLinear, bf16_head, can_pack, native_bf16, pack_linears
 from llmserve.quantization import get_quantizer, quantize_model
 from llmserve.scheduler import ScheduledSeq
 from llmserve_kernels.paged_attention_ref import KV_SCALE_BYTES, decode_mask, gather_index
@@ -96,6 +96,11 @@ class ModelRunner:
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         check_kv_cache_dtype(kv_cache_dtype, device, attention_backend)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
+            logger.warning(
+                "this CPU has no native bf16 matmuls (no AVX-512 or AVX-NE-CONVERT for oneDNN): torch "
+                "emulates them, several times slower than float32 here; --dtype float32 is the fast choice"
+            )
         # Checked before the weights load, so an unusable method fails in seconds.
         quantizer = get_quantizer(quantization, device, dtype) if quantization else None
         self.model = build_model(hf_config, dtype, device)

@@ -4,11 +4,16 @@ bf16 LM head."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmserve import LLM
+from llmserve.models import packed_linear
 from llmserve.models.layer_ops import FusedCpuLayerOps, TorchLayerOps
 from llmserve.models.packed_linear import PackedHead, PackedLinear, can_pack, pack_linears
 from llmserve.request import Request
@@ -180,3 +185,18 @@ def test_sampler_with_the_cpp_cut_stays_in_the_nucleus(fused_module) -> None:  #
     ]
     seen = set(sampler.sample(row.expand(draws, vocab), requests).token_ids)
     assert seen == allowed
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_leaves_linears_unpacked(
+    tiny_path: Path, native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if native and not packed_linear.native_bf16():
+        pytest.skip("this CPU has no native bf16: only the emulated case can run here")
+    monkeypatch.setattr(packed_linear, "native_bf16", lambda: native)
+    monkeypatch.setattr("llmserve.model_runner.native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="llmserve.model_runner"):
+        llm = LLM(str(tiny_path), dtype="bfloat16", block_size=4, num_blocks=64)
+    assert ("--dtype float32 is the fast choice" in caplog.text) is not native
+    linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert bool(linears) is native
