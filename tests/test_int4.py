@@ -201,25 +201,26 @@ def test_kernel_refuses_wrong_shapes_with_a_clear_error(ops: ModuleType) -> None
 
 
 @pytest.mark.slow
-def test_portable_build_gives_the_same_bits_as_vnni(ops: ModuleType) -> None:
-    # The scalar fallback (compiled here for AVX2, ~20 s once): integer sums are exact in any
-    # order, and the float steps per group are the same operations in the same order.
+@pytest.mark.parametrize(("loop", "march"), [("portable", "x86-64-v2"), ("avx2", "x86-64-v3")])
+def test_every_inner_loop_gives_the_same_bits(ops: ModuleType, loop: str, march: str) -> None:
+    # The scalar fallback and the AVX2 halves (each compiled here, ~20 s once): integer sums are exact
+    # in any order, and the float steps per group are the same operations in the same order, so both
+    # give the machine's own build's bits (VNNI, AVX2 or portable).
     from torch.utils import cpp_extension
 
-    portable = cpp_extension.load(
-        name="llmserve_int4_gemv_cpu_portable",
+    build = cpp_extension.load(
+        name=f"llmserve_int4_gemv_cpu_{loop}",
         sources=[str(cpu_ops._CSRC / "int4_gemv_cpu.cpp")],
-        extra_cflags=["-O2", "-march=x86-64-v3", "-fopenmp", "-ffp-contract=off"],
+        extra_cflags=["-O2", f"-march={march}", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
     )
-    if not ops.has_avx512():
-        pytest.skip("this CPU has no AVX-512: the machine's own build is the portable one, nothing to compare")
-    assert not portable.has_avx512()
+    assert build.inner_loop() == loop and ops.inner_loop() in ("avx512", "avx2", "portable")
     codes, d, m = quantize_groups(random_weight(45, 320, seed=3))
     packed, bias = pack_groups(codes, d, m), torch.randn(45)
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(11, 320).to(dtype)
-        assert torch.equal(portable.int4_linear(x, packed, 45, bias), ops.int4_linear(x, packed, 45, bias))
+        for rows in (1, 2, 3, 4, 11):  # every tile shape of either loop
+            x = torch.randn(rows, 320).to(dtype)
+            assert torch.equal(build.int4_linear(x, packed, 45, bias), ops.int4_linear(x, packed, 45, bias))
 
 
 # ---- the module ------------------------------------------------------------------------------------

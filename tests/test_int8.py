@@ -127,26 +127,27 @@ def test_zero_rows_give_an_empty_result(ops: ModuleType) -> None:
 
 
 @pytest.mark.slow
-def test_portable_build_gives_the_same_bits_as_avx512(ops: ModuleType) -> None:
-    # The scalar fallback (compiled here for AVX2 without AVX-512, ~20 s once) sums each output in
-    # the same k order with one fused multiply-add per step, as the AVX-512 chain does: same bits.
+@pytest.mark.parametrize(("loop", "march"), [("portable", "x86-64-v2"), ("avx2", "x86-64-v3")])
+def test_every_inner_loop_gives_the_same_bits(ops: ModuleType, loop: str, march: str) -> None:
+    # The scalar fallback and the AVX2 halves (each compiled here, ~20 s once) sum each output in the
+    # same k order with one fused multiply-add per step, as the AVX-512 chain does: same bits as the
+    # machine's own build, whichever loop that is.
     from torch.utils import cpp_extension
 
-    portable = cpp_extension.load(
-        name="llmserve_int8_gemv_cpu_portable",
+    build = cpp_extension.load(
+        name=f"llmserve_int8_gemv_cpu_{loop}",
         sources=[str(cpu_ops._CSRC / "int8_gemv_cpu.cpp")],
-        extra_cflags=["-O2", "-march=x86-64-v3", "-fopenmp", "-ffp-contract=off"],
+        extra_cflags=["-O2", f"-march={march}", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
     )
-    assert not portable.has_avx512()
-    codes, scales, bias = random_layer(45, 300, True, seed=3)
-    packed = portable.int8_pack(codes)
+    assert build.inner_loop() == loop and ops.inner_loop() in ("avx512", "avx2", "portable")
+    codes, scales, bias = random_layer(45, 301, True, seed=3)  # a partial block, K not a multiple of 4
+    packed = build.int8_pack(codes)
     assert torch.equal(packed, ops.int8_pack(codes))
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(11, 300).to(dtype)
-        assert torch.equal(
-            portable.int8_linear(x, packed, scales, bias), ops.int8_linear(x, packed, scales, bias)
-        )
+        for rows in (1, 2, 3, 5, 8, 11):  # every tile shape of either loop
+            x = torch.randn(rows, 301).to(dtype)
+            assert torch.equal(build.int8_linear(x, packed, scales, bias), ops.int8_linear(x, packed, scales, bias))
 
 
 # ---- quantization and the module -------------------------------------------------------------------

@@ -44,7 +44,7 @@
 #include <cstring>
 #include <utility>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
 
@@ -131,6 +131,69 @@ void tile_sums(const int8_t* xq, const float* xscale, const float* xsum, int64_t
     for (int j = 0; j < J; ++j) _mm512_storeu_ps(sums + (m * J + j) * kLanes, acc[m][j]);
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// AVX2 (AMD Zen 1-3, Intel Haswell to Alder Lake): a block's 16 rows as two 8-row halves, and
+// vpdpbusd emulated by vpmaddubsw (u8 code x s8 activation, summed in pairs: at most 2 x 15 x 127,
+// so it never saturates) then vpmaddwd with ones (pairs of int16 -> int32): the same exact int32
+// sums, and the float steps below in the same order, so the same bits as the VNNI path. Per 32
+// bytes of codes and row of x: 2 and, 1 shift, 2 x (maddubs + madd + add).
+
+inline __m256i dot4(__m256i acc, __m256i codes, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(codes, x);  // [16] int16
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));  // [8] int32
+}
+
+template <int MB, int J>
+void tile_sums(const int8_t* xq, const float* xscale, const float* xsum, int64_t K, int64_t G,
+               const uint8_t* w, const uint8_t* w_end, float* sums) {
+  const int64_t stride = G * kGroupBytes;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const char* end = reinterpret_cast<const char*>(w_end);
+  __m256 acc[MB][J][2];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int j = 0; j < J; ++j) {
+      const char* ahead = reinterpret_cast<const char*>(w + j * stride + (g + kPrefetchGroups) * kGroupBytes);
+      for (int64_t line = 0; line < kGroupBytes; line += 64)
+        if (ahead + line < end) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    __m256i s[MB][J][2];
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < J; ++j) s[m][j][0] = s[m][j][1] = _mm256_setzero_si256();
+    const int8_t* xg = xq + g * kGroup;
+    for (int64_t c = 0; c < kChunks; ++c) {
+      for (int j = 0; j < J; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i codes = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(w + j * stride + g * kGroupBytes + kScaleBytes + c * 64 + 32 * h));
+          const __m256i lo = _mm256_and_si256(codes, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+          for (int m = 0; m < MB; ++m) {
+            int32_t x_lo, x_hi;
+            std::memcpy(&x_lo, xg + m * K + 8 * c, 4);
+            std::memcpy(&x_hi, xg + m * K + 8 * c + 4, 4);
+            s[m][j][h] = dot4(dot4(s[m][j][h], lo, _mm256_set1_epi32(x_lo)), hi, _mm256_set1_epi32(x_hi));
+          }
+        }
+    }
+    for (int j = 0; j < J; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* scales = w + j * stride + g * kGroupBytes;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 16 * h)));
+        const __m256 off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + 16 * h)));
+        for (int m = 0; m < MB; ++m) {
+          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xscale[m * G + g]));
+          acc[m][j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m][j][h]), ds, acc[m][j][h]);
+          acc[m][j][h] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[m * G + g]), off, acc[m][j][h]);
+        }
+      }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < J; ++j)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(sums + (m * J + j) * kLanes + 8 * h, acc[m][j][h]);
+}
+
 #else  // portable fallback: the same integer sums (exact in any order) and the same float steps
 
 inline float half_at(const uint8_t* p, int64_t lane) {
@@ -183,7 +246,12 @@ constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kBlockRows>{}
 
 // Blocks side by side for mb rows: 2 * MB * J accumulators (the group's sums and the total) plus a
 // few temporaries must fit the 32 zmm registers.
+// AVX2: 2 * 2 * MB * J halves in 16 ymm.
+#if defined(__AVX512F__) || !defined(__AVX2__)
 constexpr int tile_blocks(int64_t mb) { return mb <= 1 ? 8 : mb <= 2 ? 5 : mb <= 3 ? 4 : 3; }
+#else
+constexpr int tile_blocks(int64_t mb) { return mb <= 1 ? 2 : 1; }
+#endif
 
 // The activations of each row, group by group: int8 codes xq = round(x * 127 / max|x|), the scale
 // max|x| / 127, and the exact float32 sum of x (in k order), which multiplies the offsets m.
@@ -306,6 +374,16 @@ bool has_avx512() {
 #endif
 }
 
+const char* inner_loop() {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -320,4 +398,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return Addresses{{"int4_linear", address<PackedLinearFn>(&int4_linear)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
+  m.def("inner_loop", &inner_loop, "the inner loop this build uses: avx512, avx2 or portable");
 }

@@ -38,7 +38,7 @@
 #include <type_traits>
 #include <utility>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -87,28 +87,15 @@ inline c10::BFloat16 finish<c10::BFloat16>(float sum, float scale, float bias) {
 
 // MB rows of x (float32, row stride ldx) times J consecutive packed blocks starting at w (block
 // stride 16 K bytes); writes the raw sums to sums[m * J * 16 + j * 16 + lane].
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
-template <int MB, int J>
-void tile_sums(const float* x, int64_t ldx, const int8_t* w, int64_t K, const int8_t* w_end, float* sums) {
+// Calls step(k) for k = 0 .. K-1 while prefetching each of the J block streams 512 bytes (32 steps)
+// ahead of its loads, stopping at this thread's last block. The hardware prefetcher alone, with J
+// interleaved streams, reached ~13 GB/s from DRAM; this reaches ~24 (M = 1, AVX-512 Xeon). Farther
+// (1-8 KB) or a whole tile ahead measured slower.
+template <int J, typename Step>
+inline void stream_blocks(const int8_t* w, int64_t K, const int8_t* w_end, Step&& step) {
   const int64_t stride = K * kLanes;
-  __m512 acc[MB][J];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k) {
-    __m512 wv[J];
-    for (int j = 0; j < J; ++j) {
-      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * stride + k * kLanes));
-      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
-    }
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
-      for (int j = 0; j < J; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
-    }
-  };
-  // Each block's stream is prefetched 512 bytes (32 steps) ahead of its loads, stopping at this
-  // thread's last block. The hardware prefetcher alone, with J interleaved streams, reached ~13
-  // GB/s from DRAM; this reaches ~24 (M = 1). Farther (1-8 KB) or a whole tile ahead measured slower.
   const char* end = reinterpret_cast<const char*>(w_end);
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
@@ -122,8 +109,60 @@ void tile_sums(const float* x, int64_t ldx, const int8_t* w, int64_t K, const in
     step(k + 3);
   }
   for (; k < K; ++k) step(k);
+}
+
+#endif
+
+#ifdef __AVX512F__
+
+template <int MB, int J>
+void tile_sums(const float* x, int64_t ldx, const int8_t* w, int64_t K, const int8_t* w_end, float* sums) {
+  const int64_t stride = K * kLanes;
+  __m512 acc[MB][J];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_ps();
+  stream_blocks<J>(w, K, w_end, [&](int64_t k) {
+    __m512 wv[J];
+    for (int j = 0; j < J; ++j) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * stride + k * kLanes));
+      wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * ldx + k]);
+      for (int j = 0; j < J; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+    }
+  });
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < J; ++j) _mm512_storeu_ps(sums + (m * J + j) * kLanes, acc[m][j]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 with FMA (AMD Zen 1-3, Intel Haswell to Alder Lake): a block's 16 lanes as two 8-lane
+// halves. Each lane still sums its k in order with one FMA a step, so the bits are the AVX-512
+// path's and the portable one's.
+
+template <int MB, int J>
+void tile_sums(const float* x, int64_t ldx, const int8_t* w, int64_t K, const int8_t* w_end, float* sums) {
+  const int64_t stride = K * kLanes;
+  __m256 acc[MB][J][2];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  stream_blocks<J>(w, K, w_end, [&](int64_t k) {
+    __m256 wv[J][2];
+    for (int j = 0; j < J; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j * stride + k * kLanes + 8 * h));
+        wv[j][h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+      }
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xb = _mm256_set1_ps(x[m * ldx + k]);
+      for (int j = 0; j < J; ++j)
+        for (int h = 0; h < 2; ++h) acc[m][j][h] = _mm256_fmadd_ps(xb, wv[j][h], acc[m][j][h]);
+    }
+  });
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < J; ++j)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(sums + (m * J + j) * kLanes + 8 * h, acc[m][j][h]);
 }
 
 #else  // portable fallback: the same sums, bit for bit (same k order, same roundings), without vectors
@@ -160,8 +199,13 @@ constexpr std::array<std::array<TileFn, kMaxTile>, sizeof...(MBs)> tile_table(
 constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kBlockRows>{});
 
 // Blocks streamed side by side for mb rows of x: MB * J accumulators + J weight vectors must fit in
-// the 32 zmm registers, and more streams keep more memory requests in flight.
+// the 32 zmm registers (AVX2: twice as many halves in 16 ymm), and more streams keep more memory
+// requests in flight.
+#if defined(__AVX512F__) || !defined(__AVX2__)
 constexpr int tile_blocks(int64_t mb) { return mb <= 2 ? 8 : mb <= 4 ? 6 : mb <= 6 ? 4 : 3; }
+#else
+constexpr int tile_blocks(int64_t mb) { return mb <= 1 ? 4 : mb <= 2 ? 2 : 1; }
+#endif
 
 template <typename T>
 void linear_impl(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
@@ -288,6 +332,16 @@ bool has_avx512() {
 #endif
 }
 
+const char* inner_loop() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -304,4 +358,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return Addresses{{"int8_linear", address<Int8LinearFn>(&int8_linear)}, {"int8_scale_bias_", address<ScaleBiasFn>(&int8_scale_bias_)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
   m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
+  m.def("inner_loop", &inner_loop, "the inner loop this build uses: avx512, avx2 or portable");
 }
