@@ -50,6 +50,11 @@ from llmserve.models.packed_linear import bf16_linear, can_pack, packing_works
 # 6.6 ms at M = 1, 8.0 at 4, 11.4 at 8, 14.2 at 10, 16.1 at 12 (compute-bound from ~M = 4: M FMAs
 # per converted weight vector), while packed bf16 holds ~15 ms at any M up to 16.
 KERNEL_MAX_ROWS = 10
+# The same where the large step is a plain F.linear (float32, or bf16 on a CPU that cannot pack it):
+# that GEMM is much slower, so the kernel wins further. Body matmuls of one step on the AVX2-only
+# EPYC (AVX2 kernel, float32, 2 threads, 2026-12-07): 27.7 vs 41.9 ms at 12 rows, 49.7 vs 53.6 at
+# 24, 66.8 vs 67.7 at 32, 152.6 vs 142.6 at 64.
+UNPACKED_KERNEL_MAX_ROWS = 24
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -103,7 +108,8 @@ class KernelLinear(nn.Module):
     `_quantize` registers the kernel's buffers and calls `_set_dense`; `large_step` may add an
     epilogue."""
 
-    default_max_kernel_rows: int
+    default_max_kernel_rows: int  # where the large step is a packed bf16 GEMM
+    unpacked_max_kernel_rows: int  # where it is a plain F.linear
 
     def __init__(
         self,
@@ -118,12 +124,14 @@ class KernelLinear(nn.Module):
         self.ops = ops if ops is not None else self.load_ops(weight.device, weight.dtype)
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        self.max_kernel_rows = self.default_max_kernel_rows if max_kernel_rows is None else max_kernel_rows
         self.register_buffer("bias32", None if bias is None else bias.detach().float().contiguous())
         self.gemm: nn.Module | None = None
         self.dense: torch.Tensor | None = None
         self.dense_bias: torch.Tensor | None = None
         self._quantize(weight, bias, pack)
+        if max_kernel_rows is None:  # the measured crossover against the large step this module got
+            max_kernel_rows = self.default_max_kernel_rows if self.gemm is not None else self.unpacked_max_kernel_rows
+        self.max_kernel_rows = max_kernel_rows
 
     @staticmethod
     def load_ops(device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -173,6 +181,7 @@ class Int8Linear(KernelLinear):
     a GEMM over the codes in the model dtype beyond (see the module docstring)."""
 
     default_max_kernel_rows = KERNEL_MAX_ROWS
+    unpacked_max_kernel_rows = UNPACKED_KERNEL_MAX_ROWS
     load_ops = staticmethod(check)
 
     def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool | None) -> None:

@@ -31,6 +31,7 @@ from llmserve import LLM, SamplingParams
 from llmserve.int4_linear import (
     GROUP,
     KERNEL_MAX_ROWS,
+    UNPACKED_KERNEL_MAX_ROWS,
     Int4Linear,
     dequantize_groups,
     pack_groups,
@@ -232,13 +233,16 @@ def test_module_takes_the_kernel_for_few_rows_and_the_gemm_beyond(
 ) -> None:
     w, b = random_weight(40, 128, seed=5).to(dtype), torch.randn(40).to(dtype)
     module = Int4Linear(w, b, ops=ops)
+    # The measured crossover against the large step it got: a packed bf16 GEMM, or a plain F.linear.
+    limit = module.max_kernel_rows
+    assert limit == (KERNEL_MAX_ROWS if module.gemm is not None else UNPACKED_KERNEL_MAX_ROWS)
     codes, d, m = quantize_groups(w)
-    few = torch.randn(KERNEL_MAX_ROWS, 128).to(dtype)
+    few = torch.randn(limit, 128).to(dtype)
     assert torch.equal(module(few), ops.int4_linear(few, module.packed, 40, b.float()))
-    many = torch.randn(KERNEL_MAX_ROWS + 1, 128).to(dtype)
+    many = torch.randn(limit + 1, 128).to(dtype)
     dense = dequantize_groups(codes, d, m).to(dtype)
     torch.testing.assert_close(module(many), torch.nn.functional.linear(many, dense, b))
-    assert module(many.view(1, KERNEL_MAX_ROWS + 1, 128)).shape == (1, KERNEL_MAX_ROWS + 1, 40)
+    assert module(many.view(1, limit + 1, 128)).shape == (1, limit + 1, 40)
 
 
 def test_int4_is_refused_off_the_cpu_and_in_float16() -> None:
@@ -258,7 +262,11 @@ def bf16_llm() -> LLM:
 
 @pytest.fixture(scope="module")
 def int4_llm() -> LLM:
-    return LLM(dtype="bfloat16", quantization="int4", max_num_seqs=16)
+    # The packed-GEMM threshold on every CPU, so the prompts below straddle it as planned (where bf16
+    # cannot be packed the module would take UNPACKED_KERNEL_MAX_ROWS).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Int4Linear, "unpacked_max_kernel_rows", KERNEL_MAX_ROWS)
+        return LLM(dtype="bfloat16", quantization="int4", max_num_seqs=16)
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ from test_quantization import NUM_TOKENS, agreement
 from torch import nn
 
 from llmserve import LLM, SamplingParams
-from llmserve.int8_linear import KERNEL_MAX_ROWS, Int8Linear, quantize_rows
+from llmserve.int8_linear import KERNEL_MAX_ROWS, UNPACKED_KERNEL_MAX_ROWS, Int8Linear, quantize_rows
+from llmserve.models.packed_linear import can_pack
 from llmserve.outputs import CompletionOutput
 from llmserve.quantization import get_quantizer
 from llmserve_kernels import cpu_ops
@@ -187,12 +188,16 @@ def test_module_takes_the_kernel_for_few_rows_and_the_gemm_beyond(
     torch.manual_seed(0)
     linear = nn.Linear(576, 200, bias=True).to(dtype)
     module = Int8Linear(linear.weight, linear.bias, ops=ops)
+    # The measured crossover against the large step it got: a packed bf16 GEMM, or a plain F.linear.
+    packed = module.gemm is not None
+    assert module.max_kernel_rows == (KERNEL_MAX_ROWS if packed else UNPACKED_KERNEL_MAX_ROWS)
+    assert packed == (dtype == torch.bfloat16 and can_pack(torch.device("cpu"), dtype))
     spy = Spy(ops)
     module.ops = spy  # type: ignore[assignment]
     for rows, path in [
         (1, "kernel"),
-        (KERNEL_MAX_ROWS, "kernel"),
-        (KERNEL_MAX_ROWS + 1, "gemm"),
+        (module.max_kernel_rows, "kernel"),
+        (module.max_kernel_rows + 1, "gemm"),
         (64, "gemm"),
     ]:
         spy.calls.kernel = spy.calls.epilogue = 0
@@ -243,7 +248,11 @@ def bf16_llm() -> LLM:
 
 @pytest.fixture(scope="module")
 def int8_llm() -> LLM:
-    return LLM(dtype="bfloat16", quantization="int8", max_num_seqs=16)
+    # The packed-GEMM threshold on every CPU, so the prompts and batches below straddle it as planned
+    # (where bf16 cannot be packed the module would take UNPACKED_KERNEL_MAX_ROWS).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Int8Linear, "unpacked_max_kernel_rows", KERNEL_MAX_ROWS)
+        return LLM(dtype="bfloat16", quantization="int8", max_num_seqs=16)
 
 
 @pytest.mark.slow
