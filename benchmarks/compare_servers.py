@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-warmups", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--dtype", default="bfloat16", help="llmserve's and transformers' dtype (bfloat16: fastest here)"
+        "--dtype",
+        default="bfloat16",
+        help="llmserve's and transformers' dtype (bfloat16: fastest with AVX-512 BF16 or AMX; "
+        "float32 on an AVX2-only CPU)",
     )
     p.add_argument("--llama-server", help="llama-server binary (default: from PATH)")
     p.add_argument("--llama-threads", type=int, default=2)
