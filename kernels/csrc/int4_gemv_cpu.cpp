@@ -80,6 +80,22 @@ inline void store(c10::BFloat16* out, float v) { out->x = f32_to_bf16(v); }
 
 // MB rows of quantized x (row stride K), their group scales and sums (row stride G) times J
 // consecutive blocks starting at w; writes the raw sums to sums[(m * J + j) * 16 + lane].
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+
+// Group g + kPrefetchGroups of each of the J block streams into L1, stopping at this thread's last
+// block: the hardware prefetcher alone does not keep J interleaved streams busy (see the int8 kernel).
+template <int J>
+inline void prefetch_group(const uint8_t* w, int64_t stride, int64_t g, const uint8_t* w_end) {
+  const char* end = reinterpret_cast<const char*>(w_end);
+  for (int j = 0; j < J; ++j) {
+    const char* ahead = reinterpret_cast<const char*>(w + j * stride + (g + kPrefetchGroups) * kGroupBytes);
+    for (int64_t line = 0; line < kGroupBytes; line += 64)
+      if (ahead + line < end) _mm_prefetch(ahead + line, _MM_HINT_T0);
+  }
+}
+
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 
 template <int MB, int J>
@@ -87,17 +103,11 @@ void tile_sums(const int8_t* xq, const float* xscale, const float* xsum, int64_t
                const uint8_t* w, const uint8_t* w_end, float* sums) {
   const int64_t stride = G * kGroupBytes;
   const __m512i low4 = _mm512_set1_epi8(15);
-  const char* end = reinterpret_cast<const char*>(w_end);
   __m512 acc[MB][J];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < J; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // The hardware prefetcher alone does not keep J interleaved streams busy (see the int8 kernel).
-    for (int j = 0; j < J; ++j) {
-      const char* ahead = reinterpret_cast<const char*>(w + j * stride + (g + kPrefetchGroups) * kGroupBytes);
-      for (int64_t line = 0; line < kGroupBytes; line += 64)
-        if (ahead + line < end) _mm_prefetch(ahead + line, _MM_HINT_T0);
-    }
+    prefetch_group<J>(w, stride, g, w_end);
     __m512i s[MB][J];
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < J; ++j) s[m][j] = _mm512_setzero_si512();
@@ -148,16 +158,11 @@ void tile_sums(const int8_t* xq, const float* xscale, const float* xsum, int64_t
                const uint8_t* w, const uint8_t* w_end, float* sums) {
   const int64_t stride = G * kGroupBytes;
   const __m256i low4 = _mm256_set1_epi8(15);
-  const char* end = reinterpret_cast<const char*>(w_end);
   __m256 acc[MB][J][2];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < J; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    for (int j = 0; j < J; ++j) {
-      const char* ahead = reinterpret_cast<const char*>(w + j * stride + (g + kPrefetchGroups) * kGroupBytes);
-      for (int64_t line = 0; line < kGroupBytes; line += 64)
-        if (ahead + line < end) _mm_prefetch(ahead + line, _MM_HINT_T0);
-    }
+    prefetch_group<J>(w, stride, g, w_end);
     __m256i s[MB][J][2];
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < J; ++j) s[m][j][0] = s[m][j][1] = _mm256_setzero_si256();
