@@ -371,14 +371,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> int4_quantize_activation
   return {q.codes, q.scales, q.sums};
 }
 
-bool has_avx512() {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 const char* inner_loop() {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   return "avx512";
@@ -402,6 +394,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace llmserve_abi;
     return Addresses{{"int4_linear", address<PackedLinearFn>(&int4_linear)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
-  m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
   m.def("inner_loop", &inner_loop, "the inner loop this build uses: avx512, avx2 or portable");
 }

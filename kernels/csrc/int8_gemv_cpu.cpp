@@ -324,14 +324,6 @@ torch::Tensor int8_scale_bias_(torch::Tensor& y, const torch::Tensor& scales,
   return y;
 }
 
-bool has_avx512() {
-#ifdef __AVX512F__
-  return true;
-#else
-  return false;
-#endif
-}
-
 const char* inner_loop() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -357,6 +349,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace llmserve_abi;
     return Addresses{{"int8_linear", address<Int8LinearFn>(&int8_linear)}, {"int8_scale_bias_", address<ScaleBiasFn>(&int8_scale_bias_)}};
   }, "{name: address} of the kernels the C++ layer loop calls (kernel_abi.h)");
-  m.def("has_avx512", &has_avx512, "whether this build uses the AVX-512 inner loop");
   m.def("inner_loop", &inner_loop, "the inner loop this build uses: avx512, avx2 or portable");
 }
